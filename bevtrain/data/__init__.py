@@ -1,0 +1,1 @@
+"""Data: synthetic nuScenes generator, devkit-backed index, dataset, augmentation, targets."""

@@ -1,0 +1,1 @@
+"""The Simple-BEV family segmentation network."""
