@@ -1,0 +1,156 @@
+"""Segnet: Simple-BEV's multi-camera BEV segmentation network.
+
+images -> encoder (stride 8) -> lift into the Z x Y x X grid (mean over cameras) -> fold Y into
+channels (+ radar / lidar grids) -> BEV compressor -> ResNet-18 decoder -> heads.
+
+Differences from Simple-BEV, on purpose:
+- no ``rand_flip`` inside the model: the data pipeline flips images (negative fx) and the
+  reference frame (mirrored ``cams_T_ref``) consistently with the targets, and the lift uses the
+  matrices as given;
+- the camera average uses an explicit visibility mask (Simple-BEV used ``|feat| > 0``);
+- with ``do_rgbcompress=False`` the Y axis is averaged (Simple-BEV summed; the decoder's first
+  conv + batch norm absorb the constant factor);
+- radar occupancy is folded over Y like everything else (Simple-BEV collapsed it to 1 channel);
+- the centre head returns logits (the loss applies the sigmoid); runs on any device.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.nn as nn
+
+from bevtrain.geometry import Vox_util
+from bevtrain.model.decoder import Decoder
+from bevtrain.model.encoders import IMAGENET_MEAN, IMAGENET_STD, build_encoder
+from bevtrain.model.lift import feature_pix_T_ref, fold_y_into_channels, lift_features
+
+RADAR_FEAT_DIM = 16  # Simple-BEV's metaradar feature count
+
+
+def _padding_mask(count: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n) True for the first count[b] entries of each padded point list."""
+    return torch.arange(n, device=count.device).unsqueeze(0) < count.reshape(-1, 1)
+
+
+class Segnet(nn.Module):
+    def __init__(
+        self,
+        Z: int,
+        Y: int,
+        X: int,
+        vox_util: Vox_util,
+        encoder_type: str = "res101",
+        encoder_weights: str = "auto",
+        latent_dim: int = 128,
+        use_radar: bool = False,
+        use_lidar: bool = False,
+        use_metaradar: bool = False,
+        radar_feat_dim: int = RADAR_FEAT_DIM,
+        do_rgbcompress: bool = True,
+    ):
+        super().__init__()
+        if tuple(vox_util.grid_shape) != (Z, Y, X):
+            raise ValueError(f"vox_util grid {vox_util.grid_shape} does not match Z, Y, X = {(Z, Y, X)}")
+        if use_metaradar and not use_radar:
+            raise ValueError("use_metaradar=True needs use_radar=True (metaradar adds features to radar)")
+        self.Z, self.Y, self.X = Z, Y, X
+        self.vox_util = vox_util
+        self.encoder_type = encoder_type
+        self.latent_dim = latent_dim
+        self.use_radar, self.use_lidar, self.use_metaradar = use_radar, use_lidar, use_metaradar
+        self.radar_feat_dim = radar_feat_dim
+        self.do_rgbcompress = do_rgbcompress
+
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
+        self.encoder = build_encoder(encoder_type, latent_dim, encoder_weights)
+
+        extra_per_y = 0  # channels per height slice from radar / lidar grids
+        if use_radar:
+            extra_per_y += 1 + (radar_feat_dim if use_metaradar else 0)
+        if use_lidar:
+            extra_per_y += 1
+        self.uses_compressor = do_rgbcompress or extra_per_y > 0
+        if self.uses_compressor:
+            self.bev_compressor = nn.Sequential(
+                nn.Conv2d((latent_dim + extra_per_y) * Y, latent_dim, kernel_size=3, padding=1, bias=False),
+                nn.InstanceNorm2d(latent_dim),
+                nn.GELU(),
+            )
+        self.decoder = Decoder(latent_dim, n_classes=1)
+
+        # Learned uncertainty weights of the three losses (Simple-BEV's names); in the model so
+        # that DDP keeps them synchronised.
+        self.ce_weight = nn.Parameter(torch.tensor(0.0))
+        self.center_weight = nn.Parameter(torch.tensor(0.0))
+        self.offset_weight = nn.Parameter(torch.tensor(0.0))
+
+    def _memory_format(self) -> torch.memory_format:
+        channels_last = self.decoder.first_conv.weight.is_contiguous(memory_format=torch.channels_last)
+        return torch.channels_last if channels_last else torch.contiguous_format
+
+    def normalize_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (or float in [0, 1]) (N, 3, H, W) RGB -> ImageNet-normalised float."""
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        return (x - self.mean) / self.std
+
+    def _point_grids(self, radar, radar_count, lidar, lidar_count) -> list:
+        """Radar / lidar grids (B, k, Z, Y, X) in fp32, in the order the compressor expects."""
+        grids = []
+        if self.use_radar:
+            if radar is None or radar_count is None:
+                raise ValueError("use_radar=True: pass radar (B, R, 3+F) and radar_count (B,)")
+            valid = _padding_mask(radar_count, radar.shape[1])
+            xyz = radar[..., :3].float()
+            grids.append(self.vox_util.voxelize_xyz(xyz, valid))
+            if self.use_metaradar:
+                feats = radar[..., 3:]
+                if feats.shape[-1] != self.radar_feat_dim:
+                    raise ValueError(
+                        f"use_metaradar: radar has {feats.shape[-1]} feature channels after xyz, the model "
+                        f"was built with radar_feat_dim={self.radar_feat_dim}"
+                    )
+                grids.append(self.vox_util.voxelize_features(xyz, feats, valid))
+        if self.use_lidar:
+            if lidar is None or lidar_count is None:
+                raise ValueError("use_lidar=True: pass lidar (B, L, 4) and lidar_count (B,)")
+            valid = _padding_mask(lidar_count, lidar.shape[1])
+            grids.append(self.vox_util.voxelize_xyz(lidar[..., :3].float(), valid))
+        return grids
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        pix_T_cams: torch.Tensor,
+        cams_T_ref: torch.Tensor,
+        radar: torch.Tensor | None = None,
+        radar_count: torch.Tensor | None = None,
+        lidar: torch.Tensor | None = None,
+        lidar_count: torch.Tensor | None = None,
+    ) -> Dict[str, torch.Tensor]:
+        B, S, C, H, W = images.shape
+        if C != 3:
+            raise ValueError(f"images must be (B, S, 3, H, W) RGB, got {tuple(images.shape)}")
+        fmt = self._memory_format()
+
+        x = self.normalize_images(images.reshape(B * S, 3, H, W)).contiguous(memory_format=fmt)
+        feats = self.encoder(x)  # (B*S, latent, Hf, Wf)
+        Hf, Wf = feats.shape[-2:]
+        feats = feats.reshape(B, S, self.latent_dim, Hf, Wf)
+
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            featpix_T_ref = feature_pix_T_ref(pix_T_cams, cams_T_ref, (H, W), (Hf, Wf))
+            vox = lift_features(feats, featpix_T_ref, self.vox_util)  # (B, latent, Z, Y, X) fp32
+            grids = self._point_grids(radar, radar_count, lidar, lidar_count)
+
+        if self.uses_compressor:
+            folded = [fold_y_into_channels(vox)] + [fold_y_into_channels(g.to(vox.dtype)) for g in grids]
+            bev_in = folded[0] if len(folded) == 1 else torch.cat(folded, dim=1)
+            bev = self.bev_compressor(bev_in.contiguous(memory_format=fmt))
+        else:
+            bev = vox.mean(dim=3).contiguous(memory_format=fmt)
+        return self.decoder(bev)  # (B, 1|1|2|latent, Z, X)

@@ -1,0 +1,145 @@
+"""Losses: BCE(pos_weight) over valid pixels, balanced centre MSE, masked offset L1, uncertainty weights."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bevtrain.losses import POS_WEIGHT, balanced_mse_loss, bce_loss, compute_losses
+
+
+class Weights(nn.Module):
+    """Holds the three uncertainty parameters exactly as Segnet does."""
+
+    def __init__(self):
+        super().__init__()
+        self.ce_weight = nn.Parameter(torch.tensor(0.0))
+        self.center_weight = nn.Parameter(torch.tensor(0.0))
+        self.offset_weight = nn.Parameter(torch.tensor(0.0))
+
+
+def make_batch(B=2, Z=16, X=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seg = (torch.rand(B, 1, Z, X, generator=g) > 0.8).float()
+    valid = (torch.rand(B, 1, Z, X, generator=g) > 0.3).float()
+    center = torch.rand(B, 1, Z, X, generator=g) * seg
+    center[center > 0] += 0.3  # some positives above 0.5
+    offset = torch.randn(B, 2, Z, X, generator=g) * seg
+    return {"seg_bev": seg, "valid_bev": valid, "center_bev": center.clamp(max=1), "offset_bev": offset}
+
+
+def random_out(batch, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    B, _, Z, X = batch["seg_bev"].shape
+    return {
+        "seg": torch.randn(B, 1, Z, X, generator=g),
+        "center": torch.randn(B, 1, Z, X, generator=g),
+        "offset": torch.randn(B, 2, Z, X, generator=g),
+    }
+
+
+def test_confident_correct_predictions_give_near_zero_bce():
+    batch = make_batch()
+    seg = batch["seg_bev"]
+    correct = (seg * 2 - 1) * 30.0
+    assert bce_loss(correct, seg, batch["valid_bev"]) < 1e-6
+    wrong = -correct
+    # A confidently wrong positive costs pos_weight * 30, a negative 30.
+    assert bce_loss(wrong, seg, batch["valid_bev"]) > 25.0
+
+
+def test_bce_matches_torch_with_pos_weight_over_valid_pixels():
+    batch = make_batch()
+    out = random_out(batch)
+    valid = batch["valid_bev"].bool()
+    expected = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(POS_WEIGHT))(
+        out["seg"][valid], batch["seg_bev"][valid]
+    )
+    torch.testing.assert_close(bce_loss(out["seg"], batch["seg_bev"], batch["valid_bev"]), expected)
+
+
+def test_invalid_pixels_contribute_nothing():
+    batch = make_batch()
+    out = random_out(batch)
+    model = Weights()
+    total, parts = compute_losses(out, batch, model)
+
+    invalid = batch["valid_bev"] == 0
+    changed = {k: v.clone() for k, v in out.items()}
+    changed["seg"][invalid] = 50.0
+    changed["center"][invalid] = -50.0
+    changed["offset"][invalid.expand_as(changed["offset"])] = 99.0
+    total2, parts2 = compute_losses(changed, batch, model)
+    assert torch.equal(total, total2)
+    for k in ("ce", "center", "offset"):
+        assert torch.equal(parts[k], parts2[k]), k
+
+    # The same change on valid pixels does move every part (so the check above can fail).
+    valid = ~invalid
+    moved = {k: v.clone() for k, v in out.items()}
+    moved["seg"][valid] = 50.0
+    moved["center"][valid] = -50.0
+    moved["offset"][valid.expand_as(moved["offset"])] = 99.0
+    _, parts3 = compute_losses(moved, batch, model)
+    for k in ("ce", "center", "offset"):
+        assert not torch.equal(parts[k], parts3[k]), k
+
+
+def test_offset_loss_only_on_object_pixels():
+    batch = make_batch()
+    out = random_out(batch)
+    _, parts = compute_losses(out, batch, Weights())
+    background = (batch["seg_bev"] == 0).expand_as(out["offset"])
+    out["offset"][background] = 1000.0
+    _, parts2 = compute_losses(out, batch, Weights())
+    assert torch.equal(parts["offset"], parts2["offset"])
+
+
+def test_balanced_mse_averages_positives_and_negatives_separately():
+    center = torch.zeros(1, 1, 10, 10)
+    center[0, 0, 5, 5] = 1.0  # one positive among 99 negatives
+    valid = torch.ones_like(center)
+    logits = torch.full_like(center, -30.0)  # sigmoid ~ 0 everywhere
+    # Negatives are right, the single positive is off by 1: its mean is 1, the negatives' mean 0.
+    assert balanced_mse_loss(logits, center, valid).item() == pytest.approx(0.5, abs=1e-6)
+    logits[0, 0, 5, 5] = 30.0
+    logits[0, 0, 0, 0] = 30.0  # one wrong negative of 99
+    assert balanced_mse_loss(logits, center, valid).item() == pytest.approx(0.5 / 99, rel=1e-4)
+
+
+def test_total_is_simple_bev_weighting_and_fp32_under_autocast():
+    batch = make_batch()
+    out = {k: v.to(torch.bfloat16) for k, v in random_out(batch).items()}
+    model = Weights()
+    with torch.no_grad():
+        model.ce_weight.fill_(0.3)
+        model.center_weight.fill_(-0.2)
+        model.offset_weight.fill_(0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, parts = compute_losses(out, batch, model)
+    assert total.dtype == torch.float32
+    expected = (
+        10 * parts["ce"] * math.exp(-0.3) + 0.15
+        + parts["center"] * 0.5 * math.exp(0.2) - 0.1
+        + parts["offset"] * 0.5 * math.exp(-0.1) + 0.05
+    )
+    torch.testing.assert_close(total.detach(), expected)
+    assert set(parts) == {"ce", "center", "offset", "ce_weight", "center_weight", "offset_weight"}
+    assert all(not p.requires_grad for p in parts.values())
+
+
+def test_uncertainty_weights_learn_to_their_optimum():
+    batch = make_batch()
+    out = random_out(batch)
+    model = Weights()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(400):
+        opt.zero_grad()
+        total, parts = compute_losses(out, batch, model)
+        total.backward()
+        opt.step()
+    # d/dw (k * L * exp(-w) + w / 2) = 0  =>  w = log(2 k L), with k = 10 for ce and 1/2 otherwise.
+    assert model.ce_weight.item() == pytest.approx(math.log(20 * parts["ce"].item()), abs=0.02)
+    assert model.center_weight.item() == pytest.approx(math.log(parts["center"].item()), abs=0.02)
+    assert model.offset_weight.item() == pytest.approx(math.log(parts["offset"].item()), abs=0.02)
