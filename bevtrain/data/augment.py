@@ -1,0 +1,164 @@
+"""Camera images: fast JPEG decode, resize / crop / flip with exact intrinsics (DESIGN.md §3).
+
+Pixel convention: pixel centres sit at integer coordinates (cv2.resize's convention), so a resize
+by (sx, sy) maps u -> sx * (u + 0.5) - 0.5 (``geometry.scale_intrinsics``), a crop at (x0, y0)
+subtracts the offset, and a horizontal flip maps u -> W - 1 - u (fx -> -fx, cx -> W - 1 - cx).
+
+Augmentation (Simple-BEV's ``sample_augmentation``), with final_dim = (fH, fW):
+- training with rand_crop_and_resize: resize to (int(fW * r), int(fH * r)), r ~ U(0.8, 1.2),
+  then crop an fH x fW window centred on the resized image and shifted by a random offset in
+  [-crop_offset, crop_offset] per axis, crop_offset = int(fH * (1 - 0.8)). Windows that leave
+  the resized image are padded with black (as PIL's crop does in Simple-BEV).
+- validation (or rand_crop_and_resize off): resize straight to fW x fH, no crop. The source
+  aspect (1600/900) and final_dim's (400/224) differ by 0.45 %, so sx != sy slightly; the
+  intrinsics carry both scales exactly, so geometry stays exact without cropping anything away.
+
+Decode: when the resize shrinks the image by >= 2 (4, 8) on both axes, JPEG decoding itself
+downsamples by that factor (``cv2.IMREAD_REDUCED_COLOR_*``, DCT scaling: output pixel k is the
+block [f*k, f*k + f) whose centre maps exactly by the pixel-centre rule with scale 1/f), and only
+the remainder is resized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import cv2
+import numpy as np
+
+RESIZE_LIM = (0.8, 1.2)
+_REDUCED_FLAGS = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+
+
+class ImageReadError(OSError):
+    pass
+
+
+def final_dim_for(res_scale: float) -> Tuple[int, int]:
+    """(H, W) of the network input at a given res_scale (Simple-BEV: 224x400 at scale 1)."""
+    return int(224 * res_scale), int(400 * res_scale)
+
+
+@dataclass
+class ImageAug:
+    """One camera's augmentation: resize the source to ``resize_wh``, crop at ``crop_xy``
+    (top-left of the final_dim window in the resized image), then optionally flip."""
+
+    resize_wh: Tuple[int, int]
+    crop_xy: Tuple[int, int]
+    final_hw: Tuple[int, int]
+    flip: bool = False
+
+
+def sample_image_aug(
+    rng: np.random.Generator | None,
+    final_dim: Tuple[int, int],
+    is_train: bool,
+    rand_crop_and_resize: bool,
+    flip: bool = False,
+    resize_lim: Tuple[float, float] = RESIZE_LIM,
+) -> ImageAug:
+    fH, fW = final_dim
+    if is_train and rand_crop_and_resize:
+        assert rng is not None, "training augmentation needs a random generator"
+        r = rng.uniform(*resize_lim)
+        new_w, new_h = int(fW * r), int(fH * r)
+        crop_offset = int(fH * (1 - resize_lim[0]))
+        crop_w = int((new_w - fW) / 2) + int(rng.uniform(-crop_offset, crop_offset))
+        crop_h = int((new_h - fH) / 2) + int(rng.uniform(-crop_offset, crop_offset))
+        return ImageAug((new_w, new_h), (crop_w, crop_h), (fH, fW), flip)
+    return ImageAug((fW, fH), (0, 0), (fH, fW), flip)
+
+
+def reduction_factor(src_wh: Tuple[int, int], dst_wh: Tuple[int, int]) -> int:
+    """Largest f in {1, 2, 4, 8} with the decoded image still at least as large as dst."""
+    ratio = min(src_wh[0] / dst_wh[0], src_wh[1] / dst_wh[1])
+    for f in (8, 4, 2):
+        if ratio >= f:
+            return f
+    return 1
+
+
+def decode_jpeg(path: str, factor: int = 1) -> np.ndarray:
+    """BGR uint8 (h, w, 3) decoded at 1/factor scale (ceil of the size for partial blocks)."""
+    img = cv2.imread(path, _REDUCED_FLAGS[factor])
+    if img is None:
+        raise ImageReadError(f"cannot read image {path} (missing or corrupt)")
+    return img
+
+
+def transform_intrinsics(pix_T_cam: np.ndarray, steps) -> np.ndarray:
+    """Apply ('scale', sx, sy), ('crop', x0, y0), ('flip', W) steps to a (4,4) pix_T_cam."""
+    k = np.array(pix_T_cam, dtype=np.float64)
+    for step in steps:
+        if step[0] == "scale":
+            _, sx, sy = step
+            k[0, 0] *= sx
+            k[1, 1] *= sy
+            k[0, 2] = (k[0, 2] + 0.5) * sx - 0.5
+            k[1, 2] = (k[1, 2] + 0.5) * sy - 0.5
+            k[0, 1] *= sx  # skew (zero in nuScenes) scales with x
+        elif step[0] == "crop":
+            _, x0, y0 = step
+            k[0, 2] -= x0
+            k[1, 2] -= y0
+        elif step[0] == "flip":
+            _, w = step
+            k[0, :3] = -k[0, :3]
+            k[0, 2] += w - 1
+        else:
+            raise ValueError(step)
+    return k
+
+
+def crop_padded(img: np.ndarray, x0: int, y0: int, h: int, w: int) -> np.ndarray:
+    """img[y0:y0+h, x0:x0+w] with black where the window leaves the image."""
+    H, W = img.shape[:2]
+    if x0 >= 0 and y0 >= 0 and x0 + w <= W and y0 + h <= H:
+        return img[y0 : y0 + h, x0 : x0 + w]
+    out = np.zeros((h, w) + img.shape[2:], dtype=img.dtype)
+    sx0, sy0 = max(x0, 0), max(y0, 0)
+    sx1, sy1 = min(x0 + w, W), min(y0 + h, H)
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = img[sy0:sy1, sx0:sx1]
+    return out
+
+
+def load_augmented_image(
+    path: str, pix_T_cam: np.ndarray, src_wh: Tuple[int, int], aug: ImageAug, fast_decode: bool = True
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Decode + resize + crop + flip one image.
+
+    Returns (RGB uint8 (3, fH, fW), pix_T_cam (4,4) float64 for that image).
+    """
+    new_w, new_h = aug.resize_wh
+    f = reduction_factor(src_wh, (new_w, new_h)) if fast_decode else 1
+    img = decode_jpeg(path, f)
+    steps = []
+    if f > 1:
+        steps.append(("scale", 1.0 / f, 1.0 / f))
+    dec_h, dec_w = img.shape[:2]
+    if f == 1 and (dec_w, dec_h) != tuple(src_wh):
+        raise ImageReadError(f"image {path} is {dec_w}x{dec_h}, but the dataset says {src_wh[0]}x{src_wh[1]}")
+    if (dec_w, dec_h) != (new_w, new_h):
+        # After a reduced decode the remaining factor is < 2: bilinear does not alias much and is fast.
+        interp = cv2.INTER_AREA if f == 1 and (new_w * 2 <= dec_w) else cv2.INTER_LINEAR
+        img = cv2.resize(img, (new_w, new_h), interpolation=interp)
+        steps.append(("scale", new_w / dec_w, new_h / dec_h))
+    fH, fW = aug.final_hw
+    x0, y0 = aug.crop_xy
+    if (x0, y0) != (0, 0) or (new_w, new_h) != (fW, fH):
+        img = crop_padded(img, x0, y0, fH, fW)
+        steps.append(("crop", x0, y0))
+    if aug.flip:
+        img = img[:, ::-1]
+        steps.append(("flip", fW))
+    # BGR (h, w, 3) -> RGB (3, h, w) in one copy.
+    chw = np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))
+    return chw, transform_intrinsics(pix_T_cam, steps)
