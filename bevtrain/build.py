@@ -1,0 +1,111 @@
+"""The one place that builds things from a resolved config (training and evaluation share it).
+
+    cfg = resolve_data_dir(cfg)          # real data at data_dir, else the synthetic set
+    vox_util = build_vox_util(cfg)
+    model = build_model(cfg)
+    ds = build_dataset(cfg, split="train", is_train=True)
+    loader = build_loader(cfg, ds, is_train=True, batch_size=..., rank=..., world_size=...)
+
+A run folder's ``config.yaml`` is such a resolved config: ``Config(yaml.safe_load(...))``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Mapping
+
+import torch
+
+from bevtrain.config import DEFAULTS, Config, ConfigError
+from bevtrain.geometry import Vox_util
+
+_announced = set()
+
+
+def _say_once(msg: str) -> None:
+    if msg not in _announced:
+        _announced.add(msg)
+        print(msg, flush=True)
+
+
+def _has_nuscenes_tables(root: Path) -> bool:
+    return root.is_dir() and any((root / v / "sample.json").is_file() for v in ("v1.0-trainval", "v1.0-mini"))
+
+
+def resolve_data_dir(cfg: Mapping[str, Any], announce: bool = True) -> Config:
+    """Return cfg with ``data_dir`` / ``dset`` pointing at data that exists.
+
+    - ``data_dir`` exists: used as is.
+    - ``data_dir`` is the default (``data/nuscenes``) and absent: the synthetic set at
+      ``synthetic_dir`` (generated on first use) with dset 'mini', said once.
+    - any other absent ``data_dir``: ConfigError.
+    Idempotent: a resolved config resolves to itself.
+    """
+    cfg = Config(cfg)
+    data_dir = Path(cfg.data_dir)
+    if data_dir.is_dir():
+        return cfg
+    if cfg.data_dir.rstrip("/") != DEFAULTS["data_dir"].rstrip("/"):
+        raise ConfigError(
+            f"flag 'data_dir': {cfg.data_dir} does not exist. Point --data_dir at a nuScenes dataroot "
+            f"(the folder holding v1.0-trainval/ or v1.0-mini/, samples/, sweeps/), or leave the "
+            f"default to train on the synthetic set"
+        )
+    from bevtrain.data.synthetic import ensure_synthetic
+
+    synth = Path(cfg.synthetic_dir)
+    if announce:
+        _say_once(
+            f"[bevtrain] no nuScenes at {cfg.data_dir}: using the synthetic set at {synth} "
+            f"(dset 'mini'{', generating it now' if not _has_nuscenes_tables(synth) else ''})"
+        )
+    ensure_synthetic(synth, keyframes=cfg.synthetic_keyframes, progress=announce)
+    return cfg.replace(data_dir=str(synth), dset="mini")
+
+
+def build_vox_util(cfg: Mapping[str, Any]) -> Vox_util:
+    return Vox_util(cfg["Z"], cfg["Y"], cfg["X"], scene_centroid=cfg["scene_centroid"], bounds=cfg["bounds"])
+
+
+def build_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
+    from bevtrain.model import Segnet
+
+    return Segnet(
+        cfg["Z"], cfg["Y"], cfg["X"], build_vox_util(cfg),
+        encoder_type=cfg["encoder_type"],
+        encoder_weights=cfg["encoder_weights"],
+        latent_dim=cfg["latent_dim"],
+        use_radar=cfg["use_radar"],
+        use_lidar=cfg["use_lidar"],
+        use_metaradar=cfg["use_metaradar"],
+        do_rgbcompress=cfg["do_rgbcompress"],
+    )
+
+
+def dataset_kwargs(cfg: Mapping[str, Any], split: str, is_train: bool) -> Dict[str, Any]:
+    return dict(
+        dset=cfg["dset"], split=split, is_train=is_train, res_scale=cfg["res_scale"],
+        rand_crop_and_resize=cfg["rand_crop_and_resize"], rand_flip=cfg["rand_flip"],
+        ncams=cfg["ncams"], nsweeps=cfg["nsweeps"], do_shuffle_cams=cfg["do_shuffle_cams"],
+        refcam_id=cfg["refcam_id"], use_radar=cfg["use_radar"], use_radar_filters=cfg["use_radar_filters"],
+        use_lidar=cfg["use_lidar"], use_metaradar=cfg["use_metaradar"], seqlen=cfg["seqlen"],
+        get_tids=cfg["get_tids"], temporal_aug=cfg["temporal_aug"], Z=cfg["Z"], Y=cfg["Y"], X=cfg["X"],
+        bounds=tuple(cfg["bounds"]), scene_centroid=tuple(cfg["scene_centroid"]),
+        classes=tuple(cfg["classes"]), cache_dir=cfg["cache_dir"] or None, seed=cfg["seed"],
+    )
+
+
+def build_dataset(cfg: Mapping[str, Any], split: str = "train", is_train: bool = True):
+    """The dataset of a split ('train' or 'val') of a resolved config (see resolve_data_dir)."""
+    from bevtrain.data.dataset import NuScenesBEVDataset
+
+    return NuScenesBEVDataset(cfg["data_dir"], **dataset_kwargs(cfg, split, is_train))
+
+
+def build_loader(cfg: Mapping[str, Any], ds, is_train: bool, batch_size: int, rank: int = 0,
+                 world_size: int = 1):
+    """``batch_size`` here is per rank (see distributed.per_rank_batch)."""
+    from bevtrain.data.dataset import make_loader
+
+    return make_loader(ds, batch_size, cfg["nworkers"], cfg["shuffle"], is_train,
+                       rank=rank, world_size=world_size, seed=cfg["seed"])

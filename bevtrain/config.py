@@ -1,0 +1,325 @@
+"""Training flags (Simple-BEV's names, meanings and defaults), YAML presets and validation.
+
+Precedence: defaults < YAML preset (``--config=configs/NAME.yaml``) < command line.
+Every flag has a type taken from its default (or given explicitly); a value of the wrong type,
+an unknown flag or an unknown YAML key is a ``ConfigError`` that names the flag and, for unknown
+names, suggests the closest known one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Tuple
+
+import yaml
+
+from bevtrain.geometry import DEFAULT_BOUNDS, DEFAULT_CENTROID
+
+
+class ConfigError(ValueError):
+    """A bad flag, YAML key or value; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    default: Any
+    help: str
+    kind: str = ""  # "bool" | "int" | "float" | "str" | "list[int]" | "list[float]" | "list[str]" | custom
+    choices: Tuple[Any, ...] | None = None
+    simple_bev: bool = False  # a Simple-BEV flag: name, meaning and default must not change
+
+
+def _kind_of(default: Any) -> str:
+    if isinstance(default, bool):
+        return "bool"
+    if isinstance(default, int):
+        return "int"
+    if isinstance(default, float):
+        return "float"
+    if isinstance(default, str):
+        return "str"
+    if isinstance(default, (list, tuple)) and default:
+        return f"list[{_kind_of(default[0])}]"
+    raise TypeError(f"give an explicit kind for a flag defaulting to {default!r}")
+
+
+def _f(name, default, help, kind="", choices=None, simple_bev=False) -> Flag:
+    return Flag(name, default, help, kind or _kind_of(default), choices, simple_bev)
+
+
+def _sb(name, default, help, kind="", choices=None) -> Flag:
+    return _f(name, default, help, kind, choices, simple_bev=True)
+
+
+FLAGS: Tuple[Flag, ...] = (
+    # --- Simple-BEV's train_nuscenes.py main() -------------------------------------------------
+    _sb("exp_name", "debug", "experiment name, the last part of the run name before the time"),
+    _sb("max_iters", 100000, "optimiser steps (the paper's recipe ran 25k)"),
+    _sb("log_freq", 1000, "train scalars and the console line every N steps"),
+    _sb("shuffle", True, "shuffle the data (train and val loaders)"),
+    _sb("dset", "trainval", "nuScenes version: trainval or mini", choices=("trainval", "mini")),
+    _sb("do_val", True, "evaluate on val batches every val_freq steps"),
+    _sb("val_freq", 100, "val loss/IoU every N steps"),
+    _sb("save_freq", 1000, "checkpoint every N steps (and always at the end)"),
+    _sb("batch_size", 8, "global batch per micro-step (split across DDP ranks)"),
+    _sb("grad_acc", 5, "micro-batches per optimiser step (loss divided by grad_acc)"),
+    _sb("lr", 3e-4, "learning rate (OneCycleLR max_lr when use_scheduler)"),
+    _sb("use_scheduler", True, "OneCycleLR over max_iters, pct_start 0.05"),
+    _sb("weight_decay", 1e-7, "AdamW weight decay"),
+    _sb("nworkers", 12, "data-loader worker processes per rank (0 = load in the main process)"),
+    _sb("data_dir", "data/nuscenes", "nuScenes dataroot; when the default is absent the synthetic "
+        "set (synthetic_dir) is used"),
+    _sb("log_dir", "logs_nuscenes_bevseg", "TensorBoard root: <log_dir>/<run>/t and /v"),
+    _sb("ckpt_dir", "checkpoints/", "checkpoint root: <ckpt_dir>/<run>/model-%09d.pth"),
+    _sb("keep_latest", 1, "keep this many newest checkpoints of a run"),
+    _sb("init_dir", "", "initialise the model from the newest checkpoint in this folder (or a .pth)"),
+    _sb("ignore_load", None, "parameter-name prefixes not loaded from init_dir (str or list)",
+        kind="optional_str_list"),
+    _sb("load_step", False, "with init_dir: continue the step count of that checkpoint"),
+    _sb("load_optimizer", False, "with init_dir: also load optimiser (and scheduler/scaler) state"),
+    _sb("res_scale", 2, "image scale: final_dim = (224*res_scale, 400*res_scale)", kind="number"),
+    _sb("rand_flip", True, "random image / BEV flips (train)"),
+    _sb("rand_crop_and_resize", True, "random resize in [0.8, 1.2] + crop (train)"),
+    _sb("ncams", 6, "cameras per sample"),
+    _sb("nsweeps", 3, "radar/lidar sweeps accumulated"),
+    _sb("encoder_type", "res101", "image encoder: res101, res50, res18, effb0, effb4, ..."),
+    _sb("use_radar", False, "feed radar to the model"),
+    _sb("use_radar_filters", False, "use the devkit's default radar filters"),
+    _sb("use_lidar", False, "feed lidar to the model"),
+    _sb("use_metaradar", False, "radar with its meta channels"),
+    _sb("do_rgbcompress", True, "compress RGB features before the BEV decoder"),
+    _sb("do_shuffle_cams", True, "train: shuffle cameras and pick a random reference camera"),
+    _sb("device_ids", [0, 1, 2, 3], "single process: the GPU to use is device_ids[0] (several GPUs: "
+        "use torchrun); ignored under torchrun", kind="list[int]"),
+    _sb("seqlen", 1, "frames per sample"),
+    _sb("refcam_id", 1, "reference camera index (1 = CAM_FRONT)"),
+    _sb("get_tids", False, "return instance ids"),
+    _sb("temporal_aug", False, "temporal augmentation"),
+    # --- ours -------------------------------------------------------------------------------------
+    _f("config", "", "YAML preset (configs/NAME.yaml); command-line flags override it"),
+    _f("resume", "", "continue a run: True = the newest run in ckpt_dir, or a run folder / "
+       "run name / .pth file", kind="resume"),
+    _f("stop_at", 0, "stop with a checkpoint after this step (0 = run to max_iters); resume later"),
+    _f("seed", 0, "random seed (model init, sampler, augmentation)"),
+    _f("deterministic", False, "deterministic algorithms (slower on GPU)"),
+    _f("encoder_weights", "auto", "'auto' (pretrained if cached locally, never downloads), "
+       "'none', or a path to a state dict"),
+    _f("latent_dim", 128, "BEV feature channels"),
+    _f("Z", 200, "BEV grid cells forward"),
+    _f("Y", 8, "voxel grid cells vertical"),
+    _f("X", 200, "BEV grid cells right"),
+    _f("bounds", list(DEFAULT_BOUNDS), "XMIN XMAX YMIN YMAX ZMIN ZMAX in metres", kind="list[float]"),
+    _f("scene_centroid", list(DEFAULT_CENTROID), "grid shift (x, y, z) in metres", kind="list[float]"),
+    _f("classes", ["vehicle"], "target classes (nuScenes category prefixes)", kind="list[str]"),
+    _f("amp", "auto", "mixed precision: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (+GradScaler), none",
+       choices=("auto", "bf16", "fp16", "none")),
+    _f("device", "auto", "auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)"),
+    _f("val_batches", 1, "val batches per evaluation"),
+    _f("viz_freq", 5000, "BEV images every N steps (0 = never)"),
+    _f("grad_clip", 5.0, "gradient-norm clipping (0 = off)"),
+    _f("pct_start", 0.05, "OneCycleLR warm-up fraction"),
+    _f("max_nonfinite", 20, "stop (with a checkpoint) after this many non-finite steps in a row"),
+    _f("sync_bn", False, "DDP: synchronise BatchNorm statistics across ranks"),
+    _f("find_unused_parameters", False, "DDP: allow parameters without gradients"),
+    _f("cache_dir", "", "index cache folder ('' = the dataset's default)"),
+    _f("synthetic_dir", "data/synthetic", "synthetic dataroot used when data_dir is the absent default"),
+    _f("synthetic_keyframes", 40, "keyframes per synthetic scene when generating it"),
+)
+
+FLAG_BY_NAME: Dict[str, Flag] = {f.name: f for f in FLAGS}
+DEFAULTS: Dict[str, Any] = {f.name: f.default for f in FLAGS}
+
+
+class Config(dict):
+    """A resolved configuration: a plain dict of primitive values with attribute access."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def replace(self, **changes) -> Config:
+        out = Config(self)
+        out.update(changes)
+        return out
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.items()}
+
+
+def suggest(name: str, known: Iterable[str] = FLAG_BY_NAME) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _type_error(name: str, where: str, flag: Flag, value: Any) -> ConfigError:
+    return ConfigError(
+        f"{where} '{name}' expects {flag.kind} (default {flag.default!r}), "
+        f"got {value!r} ({type(value).__name__})"
+    )
+
+
+def _coerce_scalar(kind: str, value: Any) -> Any:
+    """Return value as `kind` or raise TypeError. Lossless conversions only."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if kind == "int":
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)  # --max_iters=1e4
+        raise TypeError
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        return float(value)
+    if kind == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        return value
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # fire turns --exp_name=3 into an int
+        raise TypeError
+    raise AssertionError(kind)
+
+
+def coerce(name: str, value: Any, where: str = "flag") -> Any:
+    """Check and convert one value against the flag's type; ConfigError names the flag."""
+    flag = FLAG_BY_NAME[name]
+    try:
+        if flag.kind.startswith("list["):
+            elem = flag.kind[5:-1]
+            items = value if isinstance(value, (list, tuple)) else [value]
+            out = [_coerce_scalar(elem, v) for v in items]
+            if name in ("bounds",) and len(out) != 6 or name == "scene_centroid" and len(out) != 3:
+                raise TypeError
+            value = out
+        elif flag.kind == "optional_str_list":
+            if value is None or value == "":
+                value = None
+            elif isinstance(value, str):
+                value = [value]
+            elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                value = list(value)
+            else:
+                raise TypeError
+        elif flag.kind == "resume":
+            if value is True or value is False or value is None:
+                value = True if value else ""
+            elif isinstance(value, str):
+                low = value.lower()
+                value = "" if low in ("", "false", "no") else True if low in ("true", "yes") else value
+            else:
+                raise TypeError
+        else:
+            value = _coerce_scalar(flag.kind, value)
+    except TypeError:
+        raise _type_error(name, where, flag, value) from None
+    if flag.choices is not None and value not in flag.choices:
+        raise ConfigError(f"{where} '{name}' must be one of {list(flag.choices)}, got {value!r}")
+    return value
+
+
+def _check_names(values: Mapping[str, Any], where: str) -> None:
+    for name in values:
+        if name not in FLAG_BY_NAME:
+            raise ConfigError(f"unknown {where} '{name}'{suggest(name)} (see train_nuscenes.py --help)")
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} not found (presets live in configs/*.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of flag: value")
+    if "config" in data:
+        raise ConfigError(f"config file {path}: presets cannot include other presets ('config' key)")
+    _check_names(data, f"key in {path}:")
+    return {k: coerce(k, v, where=f"{path}: key") for k, v in data.items()}
+
+
+def _check_consistency(cfg: Config) -> None:
+    positive = ("max_iters", "log_freq", "val_freq", "save_freq", "batch_size", "grad_acc", "keep_latest",
+                "ncams", "nsweeps", "seqlen", "Z", "Y", "X", "latent_dim", "val_batches")
+    for name in positive:
+        if cfg[name] < 1:
+            raise ConfigError(f"flag '{name}' must be >= 1, got {cfg[name]}")
+    for name in ("nworkers", "stop_at", "viz_freq", "max_nonfinite", "synthetic_keyframes"):
+        if cfg[name] < 0:
+            raise ConfigError(f"flag '{name}' must be >= 0, got {cfg[name]}")
+    if not cfg.lr > 0 or cfg.res_scale <= 0 or cfg.weight_decay < 0 or cfg.grad_clip < 0:
+        raise ConfigError("flags 'lr' and 'res_scale' must be > 0; 'weight_decay', 'grad_clip' >= 0")
+    if not 0 < cfg.pct_start < 1:
+        raise ConfigError(f"flag 'pct_start' must be in (0, 1), got {cfg.pct_start}")
+    if not 0 <= cfg.refcam_id < cfg.ncams:
+        raise ConfigError(f"flag 'refcam_id' must be in [0, ncams={cfg.ncams}), got {cfg.refcam_id}")
+    dev = cfg.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"flag 'device' must be auto, cpu, cuda or cuda:N, got {dev!r}")
+
+
+def resolve_config(
+    flags: Mapping[str, Any] | None = None, base: Mapping[str, Any] | None = None
+) -> Tuple[Config, set]:
+    """defaults (or ``base``, e.g. a checkpoint's config) < YAML preset < ``flags``.
+
+    Returns the validated config and the set of names set explicitly (by YAML or flags).
+    """
+    flags = dict(flags or {})
+    _check_names(flags, "flag")
+    values: Dict[str, Any] = dict(DEFAULTS)
+    if base:
+        values.update({k: v for k, v in base.items() if k in FLAG_BY_NAME})
+    explicit: set = set()
+    preset = flags.get("config") or ""
+    if preset:
+        preset = coerce("config", preset)
+        from_yaml = load_yaml(preset)
+        values.update(from_yaml)
+        explicit |= set(from_yaml)
+    for name, value in flags.items():
+        values[name] = coerce(name, value)
+        explicit.add(name)
+    cfg = Config({name: values[name] for name in FLAG_BY_NAME})
+    _check_consistency(cfg)
+    return cfg, explicit
+
+
+def format_lr(lr: float) -> str:
+    """3e-4 -> '3e-4', 2.5e-4 -> '2.5e-4', 0.001 -> '1e-3' (Simple-BEV's run-name style)."""
+    mantissa, exponent = f"{lr:.6e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def run_name(cfg: Mapping[str, Any], hhmmss: str) -> str:
+    """``{B}x{grad_acc}_{lr}{s}_{exp_name}_{HH:MM:SS}``, e.g. ``1x5_3e-4s_rgb03_17:45:58``."""
+    s = "s" if cfg["use_scheduler"] else ""
+    return f"{cfg['batch_size']}x{cfg['grad_acc']}_{format_lr(cfg['lr'])}{s}_{cfg['exp_name']}_{hhmmss}"
+
+
+def flags_help() -> str:
+    lines = ["Flags (defaults < --config=YAML < command line):"]
+    for f in FLAGS:
+        lines.append(f"  --{f.name}={f.default!r}  {f.help}")
+    return "\n".join(lines)
+
+
+def dump_yaml(cfg: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(Config(cfg).to_dict()), sort_keys=False)

@@ -1,0 +1,650 @@
+"""Iteration-based training: one loop you can read top to bottom (nanoGPT style).
+
+``main(**flags)`` resolves the config (defaults < YAML < flags), joins the process group when
+launched by torchrun, builds data/model/optimiser, optionally resumes, then runs ``max_iters``
+optimiser steps of ``grad_acc`` micro-batches each. Rank 0 writes TensorBoard events to
+``<log_dir>/<run>/t`` and ``/v`` and checkpoints to ``<ckpt_dir>/<run>/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Mapping
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import bevtrain
+from bevtrain import build
+from bevtrain.checkpoint import (
+    CheckpointManager,
+    capture_rng,
+    checkpoint_path,
+    load_checkpoint,
+    load_weights,
+    resolve_init,
+    resolve_resume,
+    restore_rng,
+)
+from bevtrain.config import Config, dump_yaml, resolve_config, run_name
+from bevtrain.distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    per_rank_batch,
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite steps in a row; a checkpoint of the last good state was written."""
+
+
+# -- small helpers ---------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def code_version() -> str:
+    """``bevtrain <version>`` plus ``git describe`` when the code lives in a git checkout."""
+    version = f"bevtrain {bevtrain.__version__}"
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / ".git").exists():
+        try:
+            desc = subprocess.run(
+                ["git", "describe", "--always", "--dirty", "--tags"], cwd=repo, capture_output=True,
+                text=True, timeout=10,
+            ).stdout.strip()
+            if desc:
+                version += f", git {desc}"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return version
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """None = fp32. 'auto': bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> Dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def forward(model: torch.nn.Module, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """Run the model on a batch (batch contract of README.md); radar/lidar only when present."""
+    return model(
+        batch["images"], batch["pix_T_cams"], batch["cams_T_ref"],
+        radar=batch.get("radar"), radar_count=batch.get("radar_count"),
+        lidar=batch.get("lidar"), lidar_count=batch.get("lidar_count"),
+    )
+
+
+def _fp32(out: Mapping[str, Any]) -> Dict[str, Any]:
+    return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in out.items()}
+
+
+def losses_fp32(out, batch, model):
+    """Losses in fp32 even under autocast."""
+    from bevtrain.losses import compute_losses
+
+    device_type = out["seg"].device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        return compute_losses(_fp32(out), batch, model)
+
+
+def iou_counts(seg_logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    """(intersection, union) int64 over valid cells; prediction = sigmoid > 0.5 = logit > 0."""
+    pred = seg_logits.detach() > 0
+    gt = batch["seg_bev"] > 0.5
+    valid = batch["valid_bev"] > 0.5 if "valid_bev" in batch else torch.ones_like(gt)
+    inter = (pred & gt & valid).sum()
+    union = ((pred | gt) & valid).sum()
+    return torch.stack([inter, union]).to(torch.int64)
+
+
+def bev_image(x: torch.Tensor) -> torch.Tensor:
+    """(1, Z, X) map -> (1, Z, X) float image in [0, 1] with forward up."""
+    return torch.flip(x.detach().float().clamp(0, 1), dims=[-2]).cpu()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class LoaderCursor:
+    """Endless batches from a DataLoader with its position (epoch, batches consumed this epoch).
+
+    A resumed cursor skips exactly the consumed batches without loading them (the epoch's batch
+    order comes from a sampler seeded by epoch via ``set_epoch``). Iterators are opened eagerly,
+    so any RNG a DataLoader draws when it starts is drawn before a resume restores RNG states.
+    """
+
+    def __init__(self, loader, epoch: int = 0, consumed: int = 0):
+        if len(loader) == 0:
+            raise ValueError(
+                "the data loader yields no batches (fewer samples than the per-rank batch size with "
+                "drop_last); lower --batch_size or use more data"
+            )
+        self.loader, self.epoch, self.consumed = loader, int(epoch), int(consumed)
+        self._it = self._open()
+
+    def _set_epoch(self) -> None:
+        for obj in (getattr(self.loader, "sampler", None), getattr(self.loader, "batch_sampler", None)):
+            if hasattr(obj, "set_epoch"):
+                obj.set_epoch(self.epoch)
+                return
+
+    def _open(self):
+        self._set_epoch()
+        if self.consumed == 0:
+            return iter(self.loader)
+        if self.consumed >= len(self.loader):
+            return iter(())  # the epoch was used up: roll over on the next call, as the run did
+        loader = self.loader
+        remaining = list(loader.batch_sampler)[self.consumed:]
+        skipping = torch.utils.data.DataLoader(
+            loader.dataset, batch_sampler=remaining, num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
+            generator=loader.generator, persistent_workers=False,
+            **({"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}),
+        )
+        return iter(skipping)
+
+    def next(self):
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch, self.consumed = self.epoch + 1, 0
+            self._it = self._open()
+            batch = next(self._it)
+        self.consumed += 1
+        return batch
+
+    def state(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+
+class _StopRequest:
+    """SIGTERM (cluster pre-emption) asks the loop to checkpoint and stop at the next step end."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def install(self) -> None:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# -- run folders -----------------------------------------------------------------------------------
+def unique_run_name(cfg: Mapping[str, Any]) -> str:
+    base = run_name(cfg, time.strftime("%H:%M:%S"))
+    name, n = base, 1
+    while (Path(cfg["log_dir"]) / name).exists() or (Path(cfg["ckpt_dir"]) / name).exists():
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+def write_run_info(folders: List[Path], cfg: Config, version: str, step: int) -> None:
+    command = shlex.join([sys.executable, *sys.argv])
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(dump_yaml(cfg))
+        (folder / "version.txt").write_text(version + "\n")
+        with open(folder / "command.txt", "a") as f:  # one line per launch (resumes append)
+            f.write(f"[step {step}] {command}\n")
+
+
+# -- the run -----------------------------------------------------------------------------------------
+def main(**flags) -> Dict[str, Any]:
+    """Train with Simple-BEV's flags (see bevtrain.config.FLAGS). Returns a summary dict."""
+    cfg, _ = resolve_config(flags)
+    info = init_distributed(cfg.device, cfg.device_ids)
+    try:
+        return train(cfg, flags, info)
+    finally:
+        cleanup()
+
+
+def _resume_config(cfg: Config, flags: Mapping[str, Any], is_main: bool):
+    """The checkpoint's config, overridden by flags given now; returns (cfg, ckpt, path)."""
+    path = resolve_resume(cfg.resume, cfg.ckpt_dir)
+    ckpt = load_checkpoint(path)
+    base = dict(ckpt.get("config") or {})
+    new_cfg, _ = resolve_config(flags, base=base)
+    changed = {k: (base.get(k), new_cfg[k]) for k in new_cfg if k in base and base[k] != new_cfg[k]
+               and k not in ("resume", "config")}
+    if is_main:
+        print(f"[bevtrain] resuming {ckpt.get('run_name')} from {path} (step {ckpt['step']})", flush=True)
+        for k, (old, new) in changed.items():
+            print(f"[bevtrain]   overriding {k}: {old!r} -> {new!r}", flush=True)
+    return new_cfg, ckpt, path
+
+
+def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, Any]:
+    is_main, device = info.is_main, info.device
+    say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
+
+    # ---- config, resume, data location -----------------------------------------------------------
+    ckpt = None
+    if cfg.resume:
+        cfg, ckpt, ckpt_file = _resume_config(cfg, flags, is_main)
+    if is_main:
+        cfg = build.resolve_data_dir(cfg)  # may generate the synthetic set: rank 0 first
+    barrier()
+    if not is_main:
+        cfg = build.resolve_data_dir(cfg, announce=False)
+    B_rank = per_rank_batch(cfg.batch_size, info.world_size)
+
+    seed_everything(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    if ckpt is not None:
+        name = ckpt["run_name"]
+    else:
+        name = broadcast_object(unique_run_name(cfg) if is_main else None)
+    log_run, ckpt_run = Path(cfg.log_dir) / name, Path(cfg.ckpt_dir) / name
+
+    # ---- data ------------------------------------------------------------------------------------
+    train_ds = build.build_dataset(cfg, split="train", is_train=True)
+    train_loader = build.build_loader(cfg, train_ds, True, B_rank, info.rank, info.world_size)
+    val_loader = None
+    if cfg.do_val:
+        val_ds = build.build_dataset(cfg, split="val", is_train=False)
+        val_loader = build.build_loader(cfg, val_ds, False, B_rank, info.rank, info.world_size)
+
+    # ---- model, optimiser, schedule, precision ---------------------------------------------------
+    model = build.build_model(cfg).to(device)
+    if info.distributed:
+        seed_everything(cfg.seed + info.rank)  # same init everywhere (DDP broadcasts), own augment RNG
+    if info.distributed and cfg.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    raw_model = model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = None
+    if cfg.use_scheduler:
+        # Simple-BEV's schedule: linear one-cycle, 100 spare steps so the last step stays in range.
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=cfg.max_iters + 100, pct_start=cfg.pct_start,
+            cycle_momentum=False, anneal_strategy="linear",
+        )
+    dtype = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+
+    step, data_pos, nonfinite_total = 0, {}, 0
+    if ckpt is not None:
+        load_weights(raw_model, ckpt["model"], source=ckpt_file)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt.get("scheduler") is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step, nonfinite_total = int(ckpt["step"]), int(ckpt.get("nonfinite_total", 0))
+        same_layout = (ckpt.get("world_size") == info.world_size
+                       and ckpt.get("config", {}).get("batch_size") == cfg.batch_size)
+        data_pos = ckpt.get("data") or {}
+        if not same_layout:
+            say("[bevtrain] world size or batch size changed since the checkpoint: "
+                "data restarts at the next epoch")
+            data_pos = {k: {"epoch": v["epoch"] + 1, "consumed": 0} for k, v in data_pos.items()}
+    elif cfg.init_dir:
+        init_file = resolve_init(cfg.init_dir)
+        init = load_checkpoint(init_file)
+        skipped = load_weights(raw_model, init["model"], ignore_load=cfg.ignore_load, source=init_file)
+        say(f"[bevtrain] initialised from {init_file}"
+            + (f" (skipped {len(skipped)} ignored keys)" if skipped else ""))
+        if cfg.load_optimizer:
+            optimizer.load_state_dict(init["optimizer"])
+            if scheduler is not None and init.get("scheduler") is not None:
+                scheduler.load_state_dict(init["scheduler"])
+            if scaler.is_enabled() and init.get("scaler"):
+                scaler.load_state_dict(init["scaler"])
+        if cfg.load_step:
+            step = int(init["step"])
+            if scheduler is not None and not (cfg.load_optimizer and init.get("scheduler") is not None):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    for _ in range(min(step, scheduler.total_steps - 1)):
+                        scheduler.step()
+        del init
+
+    if info.distributed:
+        ddp_ids = [device.index] if device.type == "cuda" else None
+        model = DDP(model, device_ids=ddp_ids, find_unused_parameters=cfg.find_unused_parameters)
+
+    # ---- data position, then RNG: the resumed run continues the same random streams --------------
+    train_cursor = LoaderCursor(train_loader, **data_pos.get("train", {}))
+    val_cursor = LoaderCursor(val_loader, **data_pos.get("val", {})) if val_loader is not None else None
+    if ckpt is not None:
+        rng = ckpt.get("rng") or []
+        if len(rng) == info.world_size:
+            restore_rng(rng[info.rank])
+        else:
+            seed_everything(cfg.seed + info.rank + 1000003 * step)
+            say("[bevtrain] RNG states for this world size not in the checkpoint: reseeded")
+        del ckpt
+
+    # ---- run folders, writers ----------------------------------------------------------------------
+    version = code_version()
+    writer_t = writer_v = None
+    manager = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        write_run_info([log_run, ckpt_run], cfg, version, step)
+        purge = step + 1 if step > 0 else None  # drop events a crashed run logged after this step
+        writer_t = SummaryWriter(str(log_run / "t"), purge_step=purge)
+        writer_v = SummaryWriter(str(log_run / "v"), purge_step=purge) if val_cursor else None
+        manager = CheckpointManager(ckpt_run, cfg.keep_latest)
+        log_file = open(log_run / "train_log.jsonl", "a")
+        say(f"[bevtrain] run {name}: {info.world_size} process(es) on {device}, "
+            f"batch {cfg.batch_size} ({B_rank}/rank) x grad_acc {cfg.grad_acc}, "
+            f"precision {dtype or 'fp32'}; logs {log_run}, checkpoints {ckpt_run}")
+
+    def log_record(record: Dict[str, Any]) -> None:
+        if is_main:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    def make_state(rng_states: List[Any], train_pos, val_pos) -> Dict[str, Any]:
+        return {
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "step": step,
+            "rng": rng_states,
+            "data": {"train": train_pos, **({"val": val_pos} if val_pos is not None else {})},
+            "config": cfg.to_dict(),
+            "run_name": name,
+            "version": version,
+            "world_size": info.world_size,
+            "nonfinite_total": nonfinite_total,
+        }
+
+    def save_checkpoint() -> Path | None:
+        """Collective (all ranks call it at the same step); rank 0 writes."""
+        rng_states = all_gather_object(capture_rng())
+        path = None
+        if is_main:
+            state = make_state(rng_states, train_cursor.state(), val_cursor.state() if val_cursor else None)
+            path = manager.save(state, step)
+        return path
+
+    def evaluate() -> Dict[str, float]:
+        model.eval()
+        sums: Dict[str, torch.Tensor] = {}
+        counts = torch.zeros(2, dtype=torch.int64, device=device)
+        with torch.no_grad():
+            for _ in range(cfg.val_batches):
+                batch = to_device(val_cursor.next(), device)
+                with autocast():
+                    out = forward(raw_model, batch)
+                loss, parts = losses_fp32(out, batch, raw_model)
+                for k, v in {"loss": loss, **parts}.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+                counts += iou_counts(out["seg"], batch)
+        model.train()
+        keys = sorted(sums)
+        packed = all_reduce_sum(torch.stack([sums[k] for k in keys] + [counts[0].float(), counts[1].float()]))
+        n = cfg.val_batches * info.world_size
+        result = {k: (packed[i] / n).item() for i, k in enumerate(keys)}
+        inter, union = packed[-2].item(), packed[-1].item()
+        result["iou"] = inter / union if union > 0 else 0.0
+        if is_main and cfg.viz_freq and step % cfg.viz_freq == 0:
+            writer_v.add_image("bev/seg_gt", bev_image(batch["seg_bev"][0]), step)
+            writer_v.add_image("bev/seg_pred", bev_image(torch.sigmoid(out["seg"][0].float())), step)
+        return result
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    stop = _StopRequest()
+    stop.install()
+    window = _Window(device)
+    nonfinite_run, last_saved, last_val = 0, -1, None
+    history: List[Dict[str, Any]] = []
+    samples_per_step = cfg.batch_size * cfg.grad_acc
+    ema_step_time = None
+    start_step, t_start = step, time.perf_counter()
+    status = "finished"
+    step_start_snapshot = None
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        while step < cfg.max_iters:
+            # state at the step boundary, for a checkpoint if this step is interrupted
+            step_start_snapshot = (capture_rng(), train_cursor.state(),
+                                   val_cursor.state() if val_cursor else None)
+            t0 = time.perf_counter()
+            data_time, finite = 0.0, True
+            step_loss = torch.zeros((), device=device)
+            step_parts: Dict[str, torch.Tensor] = {}
+            for micro in range(cfg.grad_acc):
+                td = time.perf_counter()
+                batch = to_device(train_cursor.next(), device)
+                data_time += time.perf_counter() - td
+                last_micro = micro == cfg.grad_acc - 1
+                sync = model.no_sync() if info.distributed and not last_micro else contextlib.nullcontext()
+                with sync:
+                    with autocast():
+                        out = forward(model, batch)
+                    loss, parts = losses_fp32(out, batch, raw_model)
+                    scaler.scale(loss / cfg.grad_acc).backward()
+                finite = finite and bool(torch.isfinite(loss).item())
+                step_loss += loss.detach().float() / cfg.grad_acc
+                for k, v in parts.items():
+                    step_parts[k] = step_parts.get(k, 0) + v.detach().float() / cfg.grad_acc
+                window.add_iou(iou_counts(out["seg"], batch))
+
+            # every rank must take the same decision: agree on non-finite losses and stop requests
+            flags_t = torch.tensor([0.0 if finite else 1.0, float(stop.requested)], device=device)
+            flags_t = all_reduce_sum(flags_t)
+            skip, stop_now = flags_t[0].item() > 0, flags_t[1].item() > 0
+            scaler.unscale_(optimizer)
+            if not skip and cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                # with fp16 an inf gradient is the scaler's business (it skips and lowers the scale)
+                skip = not scaler.is_enabled() and not bool(torch.isfinite(grad_norm).item())
+            if skip:
+                nonfinite_run += 1
+                nonfinite_total += 1
+                if scaler.is_enabled():
+                    scaler.update()
+            else:
+                nonfinite_run = 0
+                scaler.step(optimizer)
+                scaler.update()
+                if scheduler is not None and scheduler.last_epoch + 1 < scheduler.total_steps:
+                    scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_start_snapshot = None
+
+            step_time = time.perf_counter() - t0
+            ema_step_time = step_time if ema_step_time is None else 0.9 * ema_step_time + 0.1 * step_time
+            window.add_step(step_loss, step_parts, not skip, data_time, step_time, samples_per_step)
+            if skip:
+                say(f"[bevtrain] step {step}: non-finite loss or gradient, step skipped "
+                    f"({nonfinite_run} in a row, {nonfinite_total} in total)")
+
+            if step % cfg.log_freq == 0 or step == 1 or step == cfg.max_iters:
+                rec = window.reduce(info.world_size)
+                rec.update(step=step, lr=optimizer.param_groups[0]["lr"], nonfinite_total=nonfinite_total)
+                eta = ema_step_time * (cfg.max_iters - step)
+                if is_main:
+                    writer_t.add_scalar("loss", rec["loss"], step)
+                    for k, v in rec["parts"].items():
+                        writer_t.add_scalar(f"loss/{k}", v, step)
+                    for k in ("iou", "lr", "nonfinite_total"):
+                        writer_t.add_scalar(k, rec[k], step)
+                    writer_t.add_scalar("time/data", rec["data_time"], step)
+                    writer_t.add_scalar("time/step", rec["step_time"], step)
+                    writer_t.add_scalar("samples_per_s", rec["samples_per_s"], step)
+                    parts_s = " ".join(f"{k} {v:.4f}" for k, v in rec["parts"].items())
+                    say(f"step {step:>7d}/{cfg.max_iters} | loss {rec['loss']:.4f} ({parts_s}) | "
+                        f"iou {100 * rec['iou']:.2f} | lr {rec['lr']:.2e} | data {rec['data_time']:.3f}s "
+                        f"step {rec['step_time']:.3f}s | {rec['samples_per_s']:.2f} samples/s | "
+                        f"eta {format_duration(eta)}")
+                record = {"split": "train", **{k: v for k, v in rec.items() if k != "parts"},
+                          **{f"loss/{k}": v for k, v in rec["parts"].items()}}
+                history.append(record)
+                log_record(record)
+
+            if is_main and cfg.viz_freq and step % cfg.viz_freq == 0:
+                writer_t.add_image("bev/seg_gt", bev_image(batch["seg_bev"][0]), step)
+                pred = torch.sigmoid(out["seg"][0].detach().float())
+                writer_t.add_image("bev/seg_pred", bev_image(pred), step)
+
+            if val_cursor is not None and step % cfg.val_freq == 0:
+                res = evaluate()
+                last_val = {"split": "val", "step": step, **res}
+                history.append(last_val)
+                log_record(last_val)
+                if is_main:
+                    for k, v in res.items():
+                        writer_v.add_scalar(k if k in ("loss", "iou") else f"loss/{k}", v, step)
+                    say(f"val  {step:>7d}/{cfg.max_iters} | loss {res['loss']:.4f} | "
+                        f"iou {100 * res['iou']:.2f}")
+
+            if cfg.max_nonfinite and nonfinite_run >= cfg.max_nonfinite:
+                path = save_checkpoint()
+                raise NonFiniteLossError(
+                    f"{nonfinite_run} non-finite steps in a row at step {step}; the last good weights are "
+                    f"in {path or ckpt_run}. Lower --lr, try --amp=none or --amp=bf16, or check the data."
+                )
+            stopping = stop_now or (cfg.stop_at and step >= cfg.stop_at)
+            if step % cfg.save_freq == 0 or step == cfg.max_iters or stopping:
+                save_checkpoint()
+                last_saved = step
+            if stopping:
+                status = "stopped"
+                say(f"[bevtrain] stopped at step {step} with a checkpoint in {ckpt_run}; continue with "
+                    f"--resume={ckpt_run}")
+                break
+    except BaseException as exc:
+        # Ctrl-C or a crash: keep the last completed step (rank 0, no collectives: others may be gone)
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "crashed"
+        if is_main and step > last_saved and not isinstance(exc, NonFiniteLossError):
+            try:
+                if step_start_snapshot is not None:
+                    rng_state, train_pos, val_pos = step_start_snapshot
+                else:
+                    rng_state, train_pos = capture_rng(), train_cursor.state()
+                    val_pos = val_cursor.state() if val_cursor else None
+                optimizer.zero_grad(set_to_none=True)
+                path = manager.save(make_state([rng_state], train_pos, val_pos), step)
+                say(f"[bevtrain] {status} at step {step}: checkpoint saved to {path}; "
+                    f"continue with --resume={ckpt_run}")
+            except Exception as save_exc:  # report, but let the original error surface
+                say(f"[bevtrain] could not save a checkpoint after the {status} run: {save_exc}")
+        raise
+    finally:
+        stop.uninstall()
+        if is_main:
+            writer_t.close()
+            if writer_v is not None:
+                writer_v.close()
+            log_file.close()
+
+    elapsed = time.perf_counter() - t_start
+    say(f"[bevtrain] {status}: {step - start_step} steps in {format_duration(elapsed)}"
+        + (f", last val iou {100 * last_val['iou']:.2f}" if last_val else ""))
+    return {
+        "run_name": name, "step": step, "status": status, "log_dir": str(log_run), "ckpt_dir": str(ckpt_run),
+        "history": history, "last_val": last_val, "seconds": elapsed,
+        "checkpoint": str(checkpoint_path(ckpt_run, last_saved)) if last_saved >= 0 else None,
+    }
+
+
+class _Window:
+    """Sums between two log lines; reduced across ranks when logged."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.parts: Dict[str, torch.Tensor] = {}
+        self.iou = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self.finite_steps = self.steps = 0
+        self.data_time = self.step_time = 0.0
+        self.samples = 0
+
+    def add_iou(self, counts: torch.Tensor) -> None:
+        self.iou += counts
+
+    def add_step(self, loss, parts, finite: bool, data_time: float, step_time: float, samples: int) -> None:
+        self.steps += 1
+        self.data_time += data_time
+        self.step_time += step_time
+        self.samples += samples
+        if finite:
+            self.finite_steps += 1
+            self.loss += loss
+            for k, v in parts.items():
+                self.parts[k] = self.parts.get(k, 0) + v
+
+    def reduce(self, world_size: int) -> Dict[str, Any]:
+        keys = sorted(self.parts)
+        packed = torch.stack(
+            [self.loss.float()] + [self.parts[k].float() for k in keys]
+            + [self.iou[0].float(), self.iou[1].float()]
+            + [torch.tensor(float(self.finite_steps), device=self.device)]
+        )
+        packed = all_reduce_sum(packed)
+        n = max(packed[-1].item(), 1.0)  # finite steps summed over ranks
+        inter, union = packed[-3].item(), packed[-2].item()
+        rec = {
+            "loss": packed[0].item() / n if self.finite_steps else math.nan,
+            "parts": {k: packed[1 + i].item() / n for i, k in enumerate(keys)},
+            "iou": inter / union if union > 0 else 0.0,
+            "data_time": self.data_time / max(self.steps, 1),
+            "step_time": self.step_time / max(self.steps, 1),
+            "samples_per_s": self.samples / max(self.step_time, 1e-9),
+        }
+        self.reset()
+        return rec
+

@@ -1,0 +1,108 @@
+"""Flags: Simple-BEV names/defaults, YAML presets, precedence, type checks, clear errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bevtrain.config import DEFAULTS, FLAGS, ConfigError, format_lr, resolve_config, run_name
+
+REPO = Path(__file__).resolve().parents[1]
+
+SIMPLE_BEV_DEFAULTS = dict(
+    exp_name="debug", max_iters=100000, log_freq=1000, shuffle=True, dset="trainval", do_val=True,
+    val_freq=100, save_freq=1000, batch_size=8, grad_acc=5, lr=3e-4, use_scheduler=True,
+    weight_decay=1e-7, nworkers=12, ckpt_dir="checkpoints/", keep_latest=1, init_dir="",
+    ignore_load=None, load_step=False, load_optimizer=False, res_scale=2, rand_flip=True,
+    rand_crop_and_resize=True, ncams=6, nsweeps=3, encoder_type="res101", use_radar=False,
+    use_radar_filters=False, use_lidar=False, use_metaradar=False, do_rgbcompress=True,
+    do_shuffle_cams=True, device_ids=[0, 1, 2, 3], seqlen=1, refcam_id=1, get_tids=False,
+    temporal_aug=False,
+)
+
+
+def test_simple_bev_flags_keep_names_and_defaults():
+    for name, value in SIMPLE_BEV_DEFAULTS.items():
+        assert DEFAULTS[name] == value, name
+    assert {"data_dir", "log_dir"} <= set(DEFAULTS)
+    simple = {f.name for f in FLAGS if f.simple_bev}
+    assert set(SIMPLE_BEV_DEFAULTS) | {"data_dir", "log_dir"} == simple
+
+
+def test_precedence_defaults_yaml_command_line(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({"lr": 1e-3, "batch_size": 4, "exp_name": "fromyaml"}))
+    cfg, explicit = resolve_config({"config": str(preset), "batch_size": 2})
+    assert cfg.lr == 1e-3 and cfg.batch_size == 2 and cfg.exp_name == "fromyaml"
+    assert cfg.grad_acc == 5  # default
+    assert {"lr", "batch_size", "exp_name"} <= explicit and "grad_acc" not in explicit
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_presets_resolve(path):
+    cfg, _ = resolve_config({"config": str(path)})
+    assert cfg.max_iters >= 1
+
+
+def test_rgb_preset_is_the_paper_recipe():
+    cfg, _ = resolve_config({"config": str(REPO / "configs/rgb.yaml")})
+    assert (cfg.encoder_type, cfg.res_scale, cfg.ncams, cfg.batch_size, cfg.grad_acc, cfg.max_iters) == (
+        "res101", 2, 6, 8, 5, 25000)
+
+
+def test_unknown_flag_and_yaml_key_suggest_closest(tmp_path):
+    with pytest.raises(ConfigError, match="unknown flag 'bach_size'.*did you mean 'batch_size'"):
+        resolve_config({"bach_size": 2})
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("grad_accum: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*'grad_accum'.*did you mean 'grad_acc'"):
+        resolve_config({"config": str(preset)})
+
+
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        ({"lr": "fast"}, "'lr' expects float"),
+        ({"max_iters": 2.5}, "'max_iters' expects int"),
+        ({"shuffle": 1}, "'shuffle' expects bool"),
+        ({"amp": "fp8"}, "'amp' must be one of"),
+        ({"device_ids": ["a"]}, "'device_ids' expects list\\[int\\]"),
+        ({"batch_size": 0}, "'batch_size' must be >= 1"),
+        ({"device": "gpu"}, "'device' must be"),
+    ],
+)
+def test_bad_values_name_the_flag(flags, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        resolve_config(flags)
+
+
+def test_lossless_coercions():
+    flags = {"max_iters": 1e4, "lr": 1, "exp_name": 3, "device_ids": 1, "ignore_load": "decoder"}
+    cfg, _ = resolve_config(flags)
+    assert cfg.max_iters == 10000 and isinstance(cfg.max_iters, int)
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.exp_name == "3" and cfg.device_ids == [1] and cfg.ignore_load == ["decoder"]
+    assert resolve_config({"resume": True})[0].resume is True
+    assert resolve_config({"resume": "runs/x"})[0].resume == "runs/x"
+
+
+def test_run_name_and_lr_format():
+    assert format_lr(3e-4) == "3e-4" and format_lr(2.5e-4) == "2.5e-4" and format_lr(1e-3) == "1e-3"
+    cfg, _ = resolve_config({"batch_size": 1, "grad_acc": 5, "lr": 3e-4, "exp_name": "rgb03"})
+    assert run_name(cfg, "17:45:58") == "1x5_3e-4s_rgb03_17:45:58"
+    cfg, _ = resolve_config({"use_scheduler": False})
+    assert run_name(cfg, "01:02:03") == "8x5_3e-4_debug_01:02:03"
+
+
+def test_cli_errors_are_clear(tmp_path):
+    """The front door: an unknown flag and a missing data_dir exit with a readable message."""
+    def run(*args):
+        return subprocess.run([sys.executable, str(REPO / "train_nuscenes.py"), *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO)})
+
+    r = run("--lrr=1e-3")
+    assert r.returncode == 2 and "did you mean 'lr'" in r.stderr and "Traceback" not in r.stderr
+    r = run("--data_dir=/nonexistent/nuscenes", "--nworkers=0")
+    assert r.returncode == 2 and "/nonexistent/nuscenes does not exist" in r.stderr

@@ -1,0 +1,32 @@
+"""Train BEV vehicle segmentation on nuScenes (Simple-BEV flags).
+
+    python train_nuscenes.py --batch_size=1 --grad_acc=5 --lr=3e-4
+    python train_nuscenes.py --config=configs/quickstart.yaml
+    torchrun --nproc_per_node=4 train_nuscenes.py --config=configs/rgb.yaml
+    python train_nuscenes.py --resume=True            # continue the newest run
+
+Without data at data/nuscenes the synthetic set (data/synthetic) is generated and used.
+"""
+
+import sys
+
+import fire
+
+from bevtrain.config import ConfigError, flags_help
+
+
+def main(**flags):
+    from bevtrain.checkpoint import CheckpointError
+    from bevtrain.train import main as train_main
+
+    try:
+        train_main(**flags)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+main.__doc__ = __doc__ + "\n" + flags_help()
+
+if __name__ == "__main__":
+    fire.Fire(main)
