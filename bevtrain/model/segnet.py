@@ -24,9 +24,11 @@ import torch.nn as nn
 from bevtrain.geometry import Vox_util
 from bevtrain.model.decoder import Decoder
 from bevtrain.model.encoders import IMAGENET_MEAN, IMAGENET_STD, build_encoder
-from bevtrain.model.lift import feature_pix_T_ref, fold_y_into_channels, lift_features
+from bevtrain.model.lift import feature_pix_T_ref, fold_y_into_channels, lift_features, lift_reference
 
 RADAR_FEAT_DIM = 16  # Simple-BEV's metaradar feature count
+# "reference" (grid_sample over every voxel and camera) exists for tests and benchmarks.
+LIFTS = {"sparse": lift_features, "reference": lift_reference}
 
 
 def _padding_mask(count: torch.Tensor, n: int) -> torch.Tensor:
@@ -49,13 +51,17 @@ class Segnet(nn.Module):
         use_metaradar: bool = False,
         radar_feat_dim: int = RADAR_FEAT_DIM,
         do_rgbcompress: bool = True,
+        lift_impl: str = "sparse",
     ):
         super().__init__()
         if tuple(vox_util.grid_shape) != (Z, Y, X):
             raise ValueError(f"vox_util grid {vox_util.grid_shape} does not match Z, Y, X = {(Z, Y, X)}")
         if use_metaradar and not use_radar:
             raise ValueError("use_metaradar=True needs use_radar=True (metaradar adds features to radar)")
+        if lift_impl not in LIFTS:
+            raise ValueError(f"lift_impl={lift_impl!r}; valid: {', '.join(LIFTS)}")
         self.Z, self.Y, self.X = Z, Y, X
+        self.lift_impl = lift_impl
         self.vox_util = vox_util
         self.encoder_type = encoder_type
         self.latent_dim = latent_dim
@@ -144,7 +150,7 @@ class Segnet(nn.Module):
 
         with torch.autocast(device_type=images.device.type, enabled=False):
             featpix_T_ref = feature_pix_T_ref(pix_T_cams, cams_T_ref, (H, W), (Hf, Wf))
-            vox = lift_features(feats, featpix_T_ref, self.vox_util)  # (B, latent, Z, Y, X) fp32
+            vox = LIFTS[self.lift_impl](feats, featpix_T_ref, self.vox_util)  # (B, latent, Z, Y, X) fp32
             grids = self._point_grids(radar, radar_count, lidar, lidar_count)
 
         if self.uses_compressor:
