@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
+import cv2
 import numpy as np
 
 from .world import (
@@ -44,6 +45,9 @@ class PlacedObject:
     lo: np.ndarray  # (P, 3) part boxes in the object frame
     hi: np.ndarray  # (P, 3)
     face_rgb: np.ndarray  # (P, 6, 3) uint8 shaded colour of each part face (+x,-x,+y,-y,+z,-z)
+    decals: List[list]  # per part: (face, axis_a, axis_b, a0, a1, b0, b1, shaded rgb uint8 (3,))
+    centre: np.ndarray  # (3,) centre of the outer box, object frame
+    radius: float  # of the outer box's bounding sphere
 
 
 def place_objects(scene: Scene, t: float, ego, radius: float = RENDER_RADIUS) -> List[PlacedObject]:
@@ -62,7 +66,20 @@ def place_objects(scene: Scene, t: float, ego, radius: float = RENDER_RADIUS) ->
         hi = np.stack([p.hi for p in actor.parts])
         base = np.array([[p.side] * 4 + [p.top, p.side] for p in actor.parts], np.float64)  # (P, 6, 3)
         face_rgb = np.clip(np.round(base * shades[None, :, None]), 0, 255).astype(np.uint8)
-        placed.append(PlacedObject(actor, st, ego_R_obj, ego_t, lo, hi, face_rgb))
+        decals = []
+        for p in actor.parts:
+            shaded = []
+            for face, a0, a1, b0, b1, rgb in p.decals:
+                ax, bx = [k for k in range(3) if k != face // 2]
+                colour = np.clip(np.round(np.asarray(rgb, np.float64) * shades[face]), 0, 255).astype(
+                    np.uint8
+                )
+                shaded.append((face, ax, bx, a0, a1, b0, b1, colour))
+            decals.append(shaded)
+        lo_all, hi_all = lo.min(axis=0), hi.max(axis=0)
+        centre = 0.5 * (lo_all + hi_all)
+        sphere = 0.5 * float(np.linalg.norm(hi_all - lo_all))
+        placed.append(PlacedObject(actor, st, ego_R_obj, ego_t, lo, hi, face_rgb, decals, centre, sphere))
     return placed
 
 
@@ -81,28 +98,32 @@ def _slab(o, d, inv, lo, hi) -> np.ndarray:
     return np.where((tnear <= tfar) & (tnear > 1e-4), tnear, np.inf)
 
 
-def _entry_face(o, d, inv, lo, hi) -> np.ndarray:
+def _entry_face(o, d, lo, hi) -> np.ndarray:
     """Index (+x,-x,+y,-y,+z,-z) of the face through which rays known to hit [lo, hi] enter it."""
+    inv = tuple(_safe_inv(x) for x in d)
     tmin = [np.minimum((lo[k] - o[k]) * inv[k], (hi[k] - o[k]) * inv[k]) for k in range(3)]
     axis = np.where(tmin[0] >= np.maximum(tmin[1], tmin[2]), 0, np.where(tmin[1] >= tmin[2], 1, 2))
     d_axis = np.where(axis == 0, d[0], np.where(axis == 1, d[1], d[2]))
     return axis * 2 + (d_axis > 0)  # the entry face's outward normal opposes the ray
 
 
-def _hit_parts(o, d, inv, ob: PlacedObject):
-    """Nearest part hit per ray: (depth or inf, part index or -1), testing parts only on rays that hit
-    the object's outer box."""
-    lo_all, hi_all = ob.lo.min(axis=0), ob.hi.max(axis=0)
-    t_out = _slab(o, d, inv, lo_all, hi_all)
-    idx = np.flatnonzero(np.isfinite(t_out))
-    best = np.full(idx.shape, np.inf)
+def _hit_parts(o, d, ob: PlacedObject, outer: bool = True):
+    """Nearest part hit per ray: (ray indices that hit, depth, part index). With `outer`, parts are
+    tested only on rays that hit the object's outer box."""
+    inv = tuple(_safe_inv(x) for x in d)
+    if outer:
+        t_out = _slab(o, d, inv, ob.lo.min(axis=0), ob.hi.max(axis=0))
+        idx = np.flatnonzero(np.isfinite(t_out))
+        if len(idx) == 0:
+            return idx, np.zeros(0), np.zeros(0, np.int64)
+        d = tuple(x[idx] for x in d)
+        inv = tuple(x[idx] for x in inv)
+    else:
+        idx = np.arange(len(d[0]))
+    best = np.full(idx.shape, np.inf, dtype=d[0].dtype)
     part = np.full(idx.shape, -1, np.int64)
-    if len(idx) == 0:
-        return idx, best, part
-    ds = tuple(x[idx] for x in d)
-    invs = tuple(x[idx] for x in inv)
     for p in range(len(ob.lo)):
-        tp = _slab(o, ds, invs, ob.lo[p], ob.hi[p])
+        tp = _slab(o, d, inv, ob.lo[p], ob.hi[p])
         closer = tp < best
         best[closer] = tp[closer]
         part[closer] = p
@@ -110,103 +131,145 @@ def _hit_parts(o, d, inv, ob: PlacedObject):
     return idx[hit], best[hit], part[hit]
 
 
-def _part_faces(o, d, inv, ob: PlacedObject, idx, part) -> np.ndarray:
-    face = np.zeros(len(idx), np.int64)
-    for p in np.unique(part):
-        m = np.flatnonzero(part == p)
-        sel = idx[m]
-        face[m] = _entry_face(o, tuple(x[sel] for x in d), tuple(x[sel] for x in inv), ob.lo[p], ob.hi[p])
-    return face
-
-
 def _safe_inv(d):
     return 1.0 / np.where(np.abs(d) < 1e-12, 1e-12, d)
 
 
 class Camera:
-    """Static per-camera precomputation: rays, the ground below the horizon and the sky."""
+    """Static per-camera precomputation: pixel rays, the ground below the horizon and the sky.
+
+    The background (ground texture, fog, sky) is sampled at half resolution and upscaled
+    bilinearly; objects are ray cast at full resolution.
+    """
 
     def __init__(self, R: np.ndarray, t: np.ndarray, K: np.ndarray, width: int, height: int):
         self.R, self.t, self.K = R, t, K
         self.W, self.H = width, height
         fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
-        self.a = ((np.arange(width) + 0.5 - cx) / fx).astype(np.float64)  # (W,) x/z of each column
-        self.b = ((np.arange(height) + 0.5 - cy) / fy).astype(np.float64)  # (H,) y/z of each row
-        dx = R[0, 0] * self.a[None, :] + R[0, 1] * self.b[:, None] + R[0, 2]
-        dy = R[1, 0] * self.a[None, :] + R[1, 1] * self.b[:, None] + R[1, 2]
-        dz = R[2, 0] * self.a[None, :] + R[2, 1] * self.b[:, None] + R[2, 2]  # (H, W) ego-frame ray (z_cam=1)
-        with np.errstate(divide="ignore"):
-            depth = np.where(dz < -1e-6, -t[2] / dz, np.inf)
+        self.a = ((np.arange(width) + 0.5 - cx) / fx).astype(np.float32)  # (W,) x/z of each column
+        self.b = ((np.arange(height) + 0.5 - cy) / fy).astype(np.float32)  # (H,) y/z of each row
+        self.cam_R_ego = R.T
+        self.depth0 = self._ground_depth(self.a, self.b).astype(np.float32)  # (H, W), inf above the horizon
+        # Half-resolution background: block centres of 2x2 pixel blocks.
+        hw, hh = (width + 1) // 2, (height + 1) // 2
+        ha = ((2 * np.arange(hw) + 1.0 - cx) / fx).astype(np.float32)
+        hb = ((2 * np.arange(hh) + 1.0 - cy) / fy).astype(np.float32)
+        depth = self._ground_depth(ha, hb)
         ground = depth < 2000.0
-        self.ground_idx = np.flatnonzero(ground).astype(np.int64)
-        dg = depth.ravel()[self.ground_idx]
-        self.ground_ex = (t[0] + dg * dx.ravel()[self.ground_idx]).astype(np.float32)
-        self.ground_ey = (t[1] + dg * dy.ravel()[self.ground_idx]).astype(np.float32)
-        dist = dg * np.sqrt(dx.ravel()[self.ground_idx] ** 2 + dy.ravel()[self.ground_idx] ** 2 + 1e-9)
-        self.fog = np.round(256 * (1.0 - np.exp(-dist / FOG_DISTANCE))).astype(np.int32)[:, None]
-        self.depth0 = np.where(ground, depth, np.inf).astype(np.float32)
+        rows = np.flatnonzero(ground.any(axis=1))
+        # Level cameras: the ground is every row below the horizon, so it is one contiguous block.
+        self.ground_start = int(rows[0]) * hw if len(rows) else hh * hw
+        dx, dy, dz = self._ego_rays(ha, hb)
+        dg = np.where(ground, depth, 0.0).ravel()[self.ground_start :]
+        self.ground_ex = (t[0] + dg * dx.ravel()[self.ground_start :]).astype(np.float32)
+        self.ground_ey = (t[1] + dg * dy.ravel()[self.ground_start :]).astype(np.float32)
+        dist = dg * np.sqrt(dx.ravel()[self.ground_start :] ** 2 + dy.ravel()[self.ground_start :] ** 2)
+        fog = np.where(ground.ravel()[self.ground_start :], 1.0 - np.exp(-dist / FOG_DISTANCE), 1.0)
+        self.fog = np.round(256 * fog).astype(np.uint16)[:, None]
         norm = np.sqrt(dx**2 + dy**2 + dz**2)
         elev = np.clip(dz / norm, 0.0, 1.0)[..., None] ** 0.6
         sky = SKY_HORIZON * (1 - elev) + SKY_ZENITH * elev
-        self.sky = np.clip(sky, 0, 255).astype(np.uint8)
-        self.cam_R_ego = R.T
+        self.sky_half = np.clip(sky, 0, 255).astype(np.uint8)  # (hh, hw, 3)
+        self.haze = np.asarray(HAZE, np.uint16)
+        a0, a1, b0, b1 = float(self.a[0]), float(self.a[-1]), float(self.b[0]), float(self.b[-1])
+        planes = [(1.0, 0.0, -a1), (-1.0, 0.0, a0), (0.0, 1.0, -b1), (0.0, -1.0, b0)]
+        self.frustum = [np.array(p) / np.linalg.norm(p) for p in planes]
 
-    def render(
-        self, scene: Scene, ego, objects: List[PlacedObject]
-    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """RGB image (H, W, 3) uint8, and per object the unoccluded and visible pixel counts."""
-        H, W = self.H, self.W
-        img = self.sky.copy()
-        flat = img.reshape(-1, 3)
+    def _ego_rays(self, a, b):
+        R = self.R
+        dx = R[0, 0] * a[None, :] + R[0, 1] * b[:, None] + R[0, 2]
+        dy = R[1, 0] * a[None, :] + R[1, 1] * b[:, None] + R[1, 2]
+        dz = R[2, 0] * a[None, :] + R[2, 1] * b[:, None] + R[2, 2]
+        return dx, dy, dz  # ego-frame ray per pixel with camera depth 1
+
+    def _ground_depth(self, a, b):
+        _, _, dz = self._ego_rays(a.astype(np.float64), b.astype(np.float64))
+        with np.errstate(divide="ignore"):
+            return np.where(dz < -1e-6, -self.t[2] / dz, np.inf)
+
+    def background(self, scene: Scene, ego) -> np.ndarray:
+        half = self.sky_half.copy()
+        flat = half.reshape(-1, 3)
         c, s = math.cos(ego.yaw), math.sin(ego.yaw)
         wx = c * self.ground_ex - s * self.ground_ey + np.float32(ego.x)
         wy = s * self.ground_ex + c * self.ground_ey + np.float32(ego.y)
         rows, cols = scene.texture.shape[:2]
         ix = np.clip((wx * (1.0 / MAP_RES)).astype(np.int32), 0, cols - 1)
         iy = np.clip((wy * (1.0 / MAP_RES)).astype(np.int32), 0, rows - 1)
-        ground = scene.texture.reshape(-1, 3)[iy.astype(np.int64) * cols + ix].astype(np.int32)
-        flat[self.ground_idx] = ((ground * (256 - self.fog) + HAZE * self.fog) >> 8).astype(np.uint8)
+        ground = scene.texture.reshape(-1, 3)[iy * cols + ix].astype(np.uint16)
+        blend = (ground * (256 - self.fog) + self.haze * self.fog) >> 8
+        flat[self.ground_start :] = blend.astype(np.uint8)
+        return cv2.resize(half, (self.W, self.H), interpolation=cv2.INTER_LINEAR)
 
-        depth = self.depth0.copy()
-        owner = np.full((H, W), -1, np.int32)
-        depth_flat, owner_flat = depth.reshape(-1), owner.reshape(-1)
+    def render(
+        self, scene: Scene, ego, objects: List[PlacedObject]
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """RGB image (H, W, 3) uint8, and per object the unoccluded and visible pixel counts.
+
+        Objects are drawn nearest first; pixels already covered by something nearer than an
+        object's nearest point skip its shading and only enter its unoccluded count (estimated
+        on every 4th such pixel).
+        """
+        H, W = self.H, self.W
+        img = self.background(scene, ego)
+        flat = img.reshape(-1, 3)
+        depth_flat = self.depth0.copy().reshape(-1)
+        owner_flat = np.full(H * W, -1, np.int32)
         unoccluded = np.zeros(len(objects), np.int64)
-        for k, ob in enumerate(objects):
-            cam_R_obj = self.cam_R_ego @ ob.ego_R_obj
-            cam_t_obj = self.cam_R_ego @ (ob.ego_t_obj - self.t)
-            box = self._bbox(ob, cam_R_obj, cam_t_obj)
-            if box is None:
+        if not objects:
+            return img, unoccluded, np.zeros(0, np.int64)
+        centres = np.stack([ob.ego_t_obj + ob.ego_R_obj @ ob.centre for ob in objects])
+        cam = (centres - self.t[None, :]) @ self.cam_R_ego.T  # (N, 3) box centres in the camera frame
+        radius = np.array([ob.radius for ob in objects])
+        inside = cam[:, 2] > -radius
+        for plane in self.frustum:  # outward unit normals of the four side planes
+            inside &= cam @ plane <= radius
+        for k in np.flatnonzero(inside)[np.argsort(cam[inside, 2])]:
+            ob = objects[k]
+            cam_R_obj = (self.cam_R_ego @ ob.ego_R_obj).astype(np.float32)
+            cam_t_obj = (self.cam_R_ego @ (ob.ego_t_obj - self.t)).astype(np.float32)
+            footprint = self._silhouette(ob, cam_R_obj, cam_t_obj)
+            if footprint is None:
                 continue
-            u0, u1, v0, v1 = box
+            pix, rows, cols, z_near = footprint
             obj_R_cam = cam_R_obj.T
             o = obj_R_cam @ (-cam_t_obj)  # camera centre in the object frame
-            a = self.a[None, u0:u1]
-            b = self.b[v0:v1, None]
-            d = tuple((obj_R_cam[i, 0] * a + obj_R_cam[i, 1] * b + obj_R_cam[i, 2]).ravel() for i in range(3))
-            inv = tuple(_safe_inv(x) for x in d)
-            idx, t_hit, part = _hit_parts(o, d, inv, ob)
-            unoccluded[k] = len(idx)
-            if len(idx) == 0:
+            open_ = depth_flat[pix] > z_near
+            hidden = np.flatnonzero(~open_)[::4]
+            if len(hidden):
+                d = self._rays(obj_R_cam, rows[hidden], cols[hidden])
+                unoccluded[k] += 4 * len(_hit_parts(o, d, ob)[0])
+            sel = np.flatnonzero(open_)
+            if len(sel) == 0:
                 continue
-            wb = u1 - u0
-            pix = (v0 + idx // wb) * W + (u0 + idx % wb)
-            win = t_hit < depth_flat[pix]
+            pix = pix[sel]
+            d = self._rays(obj_R_cam, rows[sel], cols[sel])
+            idx, t_hit, part = _hit_parts(o, d, ob, outer=False)
+            unoccluded[k] += len(idx)
+            win = t_hit < depth_flat[pix[idx]]
             if not win.any():
                 continue
-            idx, t_hit, part, pix = idx[win], t_hit[win], part[win], pix[win]
-            face = _part_faces(o, d, inv, ob, idx, part)
-            depth_flat[pix] = t_hit
-            owner_flat[pix] = k
-            flat[pix] = ob.face_rgb[part, face]
-        visible = np.bincount(owner[owner >= 0].ravel(), minlength=len(objects))[: len(objects)]
+            idx, t_hit, part = idx[win], t_hit[win], part[win]
+            d = tuple(x[idx] for x in d)
+            target = pix[idx]
+            depth_flat[target] = t_hit
+            owner_flat[target] = k
+            flat[target] = _shade_hits(o, d, t_hit, part, ob)
+        visible = np.bincount(owner_flat[owner_flat >= 0], minlength=len(objects))[: len(objects)]
         return img, unoccluded, visible
 
-    def _bbox(self, ob: PlacedObject, cam_R_obj, cam_t_obj) -> Tuple[int, int, int, int] | None:
+    def _rays(self, obj_R_cam, rows, cols):
+        a = self.a[cols]
+        b = self.b[rows]
+        return tuple(obj_R_cam[i, 0] * a + obj_R_cam[i, 1] * b + obj_R_cam[i, 2] for i in range(3))
+
+    def _silhouette(self, ob: PlacedObject, cam_R_obj, cam_t_obj):
+        """Pixels covered by the object's outer box: flat indices, rows, cols and the nearest depth."""
         lo, hi = ob.lo.min(axis=0), ob.hi.max(axis=0)
         corners = np.array(
             [[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
         )
-        cam = corners @ cam_R_obj.T + cam_t_obj  # (8, 3)
+        cam = corners @ cam_R_obj.T.astype(np.float64) + cam_t_obj  # (8, 3)
         z = cam[:, 2]
         if (z <= NEAR).all():
             return None
@@ -218,13 +281,41 @@ class Camera:
                         f = (NEAR - z[i]) / (z[j] - z[i])
                         pts.append((cam[i] + f * (cam[j] - cam[i]))[None])
         p = np.concatenate(pts)
-        u = self.K[0, 0] * p[:, 0] / p[:, 2] + self.K[0, 2]
-        v = self.K[1, 1] * p[:, 1] / p[:, 2] + self.K[1, 2]
-        u0, u1 = max(0, int(math.floor(u.min())) - 1), min(self.W, int(math.ceil(u.max())) + 1)
-        v0, v1 = max(0, int(math.floor(v.min())) - 1), min(self.H, int(math.ceil(v.max())) + 1)
+        u = self.K[0, 0] * p[:, 0] / p[:, 2] + self.K[0, 2] - 0.5  # pixel-centre coordinates
+        v = self.K[1, 1] * p[:, 1] / p[:, 2] + self.K[1, 2] - 0.5
+        u0, u1 = max(0, int(math.floor(u.min())) - 1), min(self.W, int(math.ceil(u.max())) + 2)
+        v0, v1 = max(0, int(math.floor(v.min())) - 1), min(self.H, int(math.ceil(v.max())) + 2)
         if u0 >= u1 or v0 >= v1:
             return None
-        return u0, u1, v0, v1
+        mask = np.zeros((v1 - v0, u1 - u0), np.uint8)
+        uv = np.stack([u - u0, v - v0], axis=1)
+        uv = np.clip(uv, -(2**14), 2**14)
+        hull = cv2.convexHull(np.round(uv * 16).astype(np.int32))
+        cv2.fillConvexPoly(mask, hull, 1, cv2.LINE_8, 4)
+        mask = cv2.dilate(mask, np.ones((3, 3), np.uint8))  # pixel-centre rounding at the rim
+        r, c = np.nonzero(mask)
+        if len(r) == 0:
+            return None
+        rows, cols = (r + v0).astype(np.int64), (c + u0).astype(np.int64)
+        return rows * self.W + cols, rows, cols, float(max(z.min(), NEAR))
+
+
+def _shade_hits(o, d, t_hit, part, ob: PlacedObject) -> np.ndarray:
+    """Colours (N, 3) uint8 of hits: the entry face's shaded colour, then the part's decals."""
+    face = np.zeros(len(t_hit), np.int64)
+    for p in np.unique(part):
+        m = np.flatnonzero(part == p)
+        face[m] = _entry_face(o, tuple(x[m] for x in d), ob.lo[p], ob.hi[p])
+    rgb = ob.face_rgb[part, face]
+    for p in np.unique(part):
+        if not ob.decals[p]:
+            continue
+        m = np.flatnonzero(part == p)
+        hit = [o[k] + t_hit[m] * d[k][m] for k in range(3)]  # object-frame hit points
+        for f, ax, bx, a0, a1, b0, b1, colour in ob.decals[p]:
+            on = (face[m] == f) & (hit[ax] >= a0) & (hit[ax] <= a1) & (hit[bx] >= b0) & (hit[bx] <= b1)
+            rgb[m[on]] = colour
+    return rgb
 
 
 def cast_rays(
@@ -253,8 +344,7 @@ def cast_rays(
         o = obj_R_ego @ (origin - ob.ego_t_obj)
         dobj = dirs @ obj_R_ego.T
         d = (dobj[:, 0], dobj[:, 1], dobj[:, 2])
-        inv = tuple(_safe_inv(x) for x in d)
-        idx, t_hit, _ = _hit_parts(o, d, inv, ob)
+        idx, t_hit, _ = _hit_parts(o, d, ob)
         closer = (t_hit < best[idx]) & (t_hit <= max_range)
         best[idx[closer]] = t_hit[closer]
         who[idx[closer]] = k

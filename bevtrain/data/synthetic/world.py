@@ -251,6 +251,9 @@ class Part:
     hi: np.ndarray
     side: Tuple[int, int, int]
     top: Tuple[int, int, int]
+    # Painted rectangles: (face, a0, a1, b0, b1, rgb), face in (+x,-x,+y,-y,+z,-z) order and a, b
+    # the face's two in-plane axes in x, y, z order, in m in the object frame.
+    decals: List[tuple] = field(default_factory=list)
 
 
 def object_parts(category: str, instance_token: str, wlh: Sequence[float], rider: bool) -> List[Part]:
@@ -260,24 +263,32 @@ def object_parts(category: str, instance_token: str, wlh: Sequence[float], rider
     body = body_color(category, instance_token)
     parts: List[Part] = []
 
-    def add(x0, x1, y0, y1, z0, z1, side, top=None):
-        parts.append(
-            Part(
-                np.array([x0 * l, y0 * w, z0 * h]),
-                np.array([x1 * l, y1 * w, z1 * h]),
-                side,
-                side if top is None else top,
-            )
+    def add(x0, x1, y0, y1, z0, z1, side, top=None) -> Part:
+        part = Part(
+            np.array([x0 * l, y0 * w, z0 * h]),
+            np.array([x1 * l, y1 * w, z1 * h]),
+            side,
+            side if top is None else top,
         )
+        parts.append(part)
+        return part
+
+    def paint(part, faces, a0, a1, b0, b1, rgb):
+        """Decal in box-relative units of the face's two in-plane axes."""
+        for face in faces:
+            axes = [k for k in range(3) if k != face // 2]
+            scale = [(l, w, h)[k] for k in axes]
+            part.decals.append((face, a0 * scale[0], a1 * scale[0], b0 * scale[1], b1 * scale[1], rgb))
 
     if category == "vehicle.car":
         add(-0.46, 0.46, -0.47, 0.47, 0.0, 0.16, UNDERBODY)
-        add(-0.5, 0.5, -0.5, 0.5, 0.14, 0.56, body)
+        shell = add(-0.5, 0.5, -0.5, 0.5, 0.14, 0.56, body)
         add(-0.30, 0.20, -0.44, 0.44, 0.56, 1.0, GLASS, body)
-        add(0.495, 0.504, 0.26, 0.44, 0.40, 0.50, (235, 235, 215))  # head lights
-        add(0.495, 0.504, -0.44, -0.26, 0.40, 0.50, (235, 235, 215))
-        add(-0.504, -0.495, 0.30, 0.46, 0.40, 0.50, (190, 20, 20))  # tail lights
-        add(-0.504, -0.495, -0.46, -0.30, 0.40, 0.50, (190, 20, 20))
+        for y0, y1 in ((0.26, 0.44), (-0.44, -0.26)):
+            paint(shell, [0], y0, y1, 0.40, 0.50, (235, 235, 215))  # head lights
+            paint(shell, [1], y0, y1, 0.40, 0.50, (190, 20, 20))  # tail lights
+        for x0, x1 in ((0.22, 0.38), (-0.38, -0.22)):
+            paint(shell, [2, 3], x0, x1, 0.14, 0.30, (28, 28, 30))  # wheels
     elif category == "vehicle.truck":
         cab = _jitter(rng, TRUCK_PALETTE[rng.integers(len(TRUCK_PALETTE))])
         add(-0.48, 0.48, -0.47, 0.47, 0.0, 0.22, UNDERBODY)
@@ -286,10 +297,15 @@ def object_parts(category: str, instance_token: str, wlh: Sequence[float], rider
         add(-0.5, 0.26, -0.5, 0.5, 0.20, 1.0, body)
     elif category in ("vehicle.bus.rigid", "vehicle.bus.bendy"):
         add(-0.48, 0.48, -0.47, 0.47, 0.0, 0.10, UNDERBODY)
-        add(-0.5, 0.5, -0.49, 0.49, 0.08, 1.0, body, (225, 225, 222))
-        add(-0.47, 0.5, -0.5, 0.5, 0.55, 0.86, GLASS)
+        shell = add(-0.5, 0.5, -0.5, 0.5, 0.08, 1.0, body, (225, 225, 222))
+        paint(shell, [2, 3], -0.47, 0.5, 0.55, 0.86, GLASS)  # window band
+        paint(shell, [0], -0.45, 0.45, 0.45, 0.9, GLASS)  # wind screen
+        paint(shell, [1], -0.4, 0.4, 0.6, 0.86, GLASS)
+        for y0, y1 in ((0.3, 0.45), (-0.45, -0.3)):
+            paint(shell, [0], y0, y1, 0.15, 0.22, (235, 235, 215))
+            paint(shell, [1], y0, y1, 0.15, 0.22, (190, 20, 20))
         if category == "vehicle.bus.bendy":
-            add(0.08, 0.14, -0.505, 0.505, 0.10, 0.95, (40, 40, 42))
+            paint(shell, [2, 3], 0.08, 0.14, 0.10, 0.95, (40, 40, 42))  # the articulation
     elif category == "vehicle.trailer":
         add(-0.5, 0.5, -0.45, 0.45, 0.0, 0.28, UNDERBODY)
         add(-0.5, 0.5, -0.5, 0.5, 0.25, 1.0, body)
@@ -590,16 +606,15 @@ class Scene:
                     if len(run) >= 2:
                         cv2.polylines(label, [to_px(pts[run])], False, colour, 2, cv2.LINE_8, 2)
         self.label = label
+        # Mottling (asphalt patches, grass) plus fine grain, as a brightness offset in [0, 28].
         base = np.array(
-            [[72, 104, 50], [150, 148, 140], [74, 74, 77], [215, 215, 208], [205, 172, 52]], np.int16
+            [[58, 90, 36], [136, 134, 126], [60, 60, 63], [201, 201, 194], [191, 158, 38]], np.uint8
         )
-        # Low-frequency mottling (asphalt patches, grass) plus fine grain.
-        coarse = rng.normal(0.0, 9.0, (rows // 16 + 2, cols // 16 + 2)).astype(np.float32)
+        coarse = rng.integers(0, 19, (rows // 16 + 2, cols // 16 + 2), dtype=np.uint8)
         coarse = cv2.resize(coarse, (cols, rows), interpolation=cv2.INTER_LINEAR)
-        grain = rng.integers(-5, 6, (rows, cols), dtype=np.int16)
-        delta = (coarse.astype(np.int16) + grain)[..., None]
-        tex = base[label] + delta
-        self.texture = np.clip(tex, 0, 255).astype(np.uint8)
+        grain = rng.integers(0, 11, (rows, cols), dtype=np.uint8)
+        self.texture = base[label]
+        self.texture += (coarse + grain)[..., None]
 
     def map_mask(self) -> np.ndarray:
         """nuScenes-style semantic prior (drivable + sidewalk = 255), row 0 at the largest y."""
@@ -808,26 +823,42 @@ class Scene:
 
     # ---- state at a time -----------------------------------------------------------------
     def ego_state(self, t: float) -> ActorState:
-        x, y, h = self.roads[0].pose(self.ego_s0 + self.ego_s(t), LANE / 2)
-        v = float(self.ego_speed(t))
-        return ActorState(float(x), float(y), float(h), v * math.cos(h), v * math.sin(h))
+        return self._moving_state(lambda tt: self.roads[0].pose(self.ego_s0 + self.ego_s(tt), LANE / 2), t)
 
     def actor_state(self, actor: Actor, t: float) -> ActorState | None:
         if actor.mode == "static":
             x, y, yaw = actor.static_pose
             return ActorState(x, y, yaw, 0.0, 0.0)
         road = self.roads[actor.road]
-        if actor.mode == "follow":
-            s = self.ego_s0 + float(self.ego_s(t)) + actor.s0
-            speed = float(self.ego_speed(t))
-        else:
-            s = actor.s0 + actor.direction * actor.speed * t
-            speed = actor.speed
-        if not (0.0 <= s <= road.length):
+
+        def pose(tt):
+            if actor.mode == "follow":
+                s = self.ego_s0 + float(self.ego_s(tt)) + actor.s0
+            else:
+                s = actor.s0 + actor.direction * actor.speed * tt
+            if not (0.0 <= s <= road.length):
+                return None
+            x, y, h = road.pose(s, actor.offset)
+            return x, y, (float(h) if actor.direction > 0 else float(h) + math.pi)
+
+        return self._moving_state(pose, t)
+
+    @staticmethod
+    def _moving_state(pose, t: float, dt: float = 0.02) -> ActorState | None:
+        """State from a pose function of time; the velocity is the true motion of the box centre
+        (on an offset lane of a curve it differs from the lane's centreline speed)."""
+        now = pose(t)
+        if now is None:
             return None
-        x, y, h = road.pose(s, actor.offset)
-        yaw = float(h) if actor.direction > 0 else float(h) + math.pi
-        return ActorState(float(x), float(y), yaw, speed * math.cos(yaw), speed * math.sin(yaw))
+        before, after = pose(t - dt), pose(t + dt)
+        t0, t1 = (
+            (t - dt, before) if before is not None else (t, now),
+            (t + dt, after) if after is not None else (t, now),
+        )
+        span = t1[0] - t0[0]
+        vx = float(t1[1][0] - t0[1][0]) / span if span > 0 else 0.0
+        vy = float(t1[1][1] - t0[1][1]) / span if span > 0 else 0.0
+        return ActorState(float(now[0]), float(now[1]), float(now[2]), vx, vy)
 
     def describe(self) -> str:
         turns = sum(1 for p, r in self.intersections if r > 20)
