@@ -9,6 +9,7 @@ optimiser steps of ``grad_acc`` micro-batches each. Rank 0 writes TensorBoard ev
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import random
@@ -48,6 +49,7 @@ from bevtrain.distributed import (
     init_distributed,
     per_rank_batch,
 )
+from bevtrain.metrics import BevIoUEvaluator
 
 
 class NonFiniteLossError(RuntimeError):
@@ -113,19 +115,32 @@ def losses_fp32(out, batch, model):
         return compute_losses(_fp32(out), batch, model)
 
 
-def iou_counts(seg_logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
-    """(intersection, union) int64 over valid cells; prediction = sigmoid > 0.5 = logit > 0."""
-    pred = seg_logits.detach() > 0
-    gt = batch["seg_bev"] > 0.5
-    valid = batch["valid_bev"] > 0.5 if "valid_bev" in batch else torch.ones_like(gt)
-    inter = (pred & gt & valid).sum()
-    union = ((pred | gt) & valid).sum()
-    return torch.stack([inter, union]).to(torch.int64)
+LOSS_OUTPUTS = ("seg", "center", "offset")
 
 
-def bev_image(x: torch.Tensor) -> torch.Tensor:
-    """(1, Z, X) map -> (1, Z, X) float image in [0, 1] with forward up."""
-    return torch.flip(x.detach().float().clamp(0, 1), dims=[-2]).cpu()
+def unused_outputs_term(out: Mapping[str, Any]) -> torch.Tensor:
+    """0 x the outputs no loss reads (Simple-BEV's 'feat' head): DDP expects every parameter to get
+    a gradient each step, and this keeps those heads in the graph without changing the loss."""
+    extra = [v.float().sum() for k, v in out.items()
+             if k not in LOSS_OUTPUTS and torch.is_tensor(v) and v.requires_grad]
+    return 0.0 * torch.stack(extra).sum() if extra else torch.zeros((), device=out["seg"].device)
+
+
+def log_bev_images(writer, tag: str, batch: Mapping[str, Any], out: Mapping[str, Any], step: int,
+                   vox_util) -> None:
+    """The composite of bevtrain.viz (cameras, GT, prediction) for the batch's first sample;
+    plain GT / prediction maps where no composite can be drawn."""
+    try:
+        from bevtrain.viz import render_composite
+
+        image = render_composite(batch, out, 0, vox_util, cell_width=200)
+        writer.add_image(f"{tag}/composite", image, step, dataformats="HWC")
+    except ImportError:
+        def forward_up(x):  # (1, Z, X) -> image with forward (+z) up
+            return torch.flip(x.detach().float().clamp(0, 1), dims=[-2]).cpu()
+
+        writer.add_image(f"{tag}/seg_gt", forward_up(batch["seg_bev"][0]), step)
+        writer.add_image(f"{tag}/seg_pred", forward_up(torch.sigmoid(out["seg"][0].float())), step)
 
 
 def format_duration(seconds: float) -> str:
@@ -138,32 +153,43 @@ def format_duration(seconds: float) -> str:
 class LoaderCursor:
     """Endless batches from a DataLoader with its position (epoch, batches consumed this epoch).
 
-    A resumed cursor skips exactly the consumed batches without loading them (the epoch's batch
-    order comes from a sampler seeded by epoch via ``set_epoch``). Iterators are opened eagerly,
-    so any RNG a DataLoader draws when it starts is drawn before a resume restores RNG states.
+    A resumed cursor skips exactly the consumed batches without loading them: the epoch's order
+    comes from a sampler seeded by epoch (``set_epoch``); samplers whose ``set_epoch`` takes
+    ``skip`` (bevtrain's EpochSampler) skip in place, others through a one-off batch list.
+    Iterators open eagerly, so anything a DataLoader draws when it starts is drawn before a resume
+    restores the RNG states.
     """
 
     def __init__(self, loader, epoch: int = 0, consumed: int = 0):
-        if len(loader) == 0:
+        self.loader, self.epoch, self.consumed = loader, int(epoch), int(consumed)
+        self.epoch_batches = len(loader)
+        if self.epoch_batches == 0:
             raise ValueError(
                 "the data loader yields no batches (fewer samples than the per-rank batch size with "
                 "drop_last); lower --batch_size or use more data"
             )
-        self.loader, self.epoch, self.consumed = loader, int(epoch), int(consumed)
         self._it = self._open()
 
-    def _set_epoch(self) -> None:
+    def _set_epoch(self, skip_samples: int = 0) -> bool:
+        """Select the epoch on the sampler; True when it also skipped ``skip_samples`` itself."""
         for obj in (getattr(self.loader, "sampler", None), getattr(self.loader, "batch_sampler", None)):
             if hasattr(obj, "set_epoch"):
+                if skip_samples and "skip" in inspect.signature(obj.set_epoch).parameters:
+                    obj.set_epoch(self.epoch, skip=skip_samples)
+                    return True
                 obj.set_epoch(self.epoch)
-                return
+                return False
+        return False
 
     def _open(self):
-        self._set_epoch()
-        if self.consumed == 0:
-            return iter(self.loader)
-        if self.consumed >= len(self.loader):
+        if self.consumed >= self.epoch_batches:
+            self._set_epoch()
             return iter(())  # the epoch was used up: roll over on the next call, as the run did
+        if self.consumed == 0:
+            self._set_epoch()
+            return iter(self.loader)
+        if self._set_epoch(skip_samples=self.consumed * self.loader.batch_size):
+            return iter(self.loader)
         loader = self.loader
         remaining = list(loader.batch_sampler)[self.consumed:]
         skipping = torch.utils.data.DataLoader(
@@ -245,7 +271,8 @@ def _resume_config(cfg: Config, flags: Mapping[str, Any], is_main: bool):
     """The checkpoint's config, overridden by flags given now; returns (cfg, ckpt, path)."""
     path = resolve_resume(cfg.resume, cfg.ckpt_dir)
     ckpt = load_checkpoint(path)
-    base = dict(ckpt.get("config") or {})
+    # per-launch flags are not inherited from the interrupted launch
+    base = {k: v for k, v in (ckpt.get("config") or {}).items() if k not in ("stop_at", "resume", "config")}
     new_cfg, _ = resolve_config(flags, base=base)
     changed = {k: (base.get(k), new_cfg[k]) for k in new_cfg if k in base and base[k] != new_cfg[k]
                and k not in ("resume", "config")}
@@ -296,11 +323,15 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
         val_loader = build.build_loader(cfg, val_ds, False, B_rank, info.rank, info.world_size)
 
     # ---- model, optimiser, schedule, precision ---------------------------------------------------
+    vox_util = build.build_vox_util(cfg)
     model = build.build_model(cfg).to(device)
     if info.distributed:
         seed_everything(cfg.seed + info.rank)  # same init everywhere (DDP broadcasts), own augment RNG
     if info.distributed and cfg.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            say("[bevtrain] sync_bn needs CUDA (torch's SyncBatchNorm); ignored on CPU")
     raw_model = model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = None
@@ -417,7 +448,7 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
     def evaluate() -> Dict[str, float]:
         model.eval()
         sums: Dict[str, torch.Tensor] = {}
-        counts = torch.zeros(2, dtype=torch.int64, device=device)
+        iou = BevIoUEvaluator()
         with torch.no_grad():
             for _ in range(cfg.val_batches):
                 batch = to_device(val_cursor.next(), device)
@@ -426,17 +457,15 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
                 loss, parts = losses_fp32(out, batch, raw_model)
                 for k, v in {"loss": loss, **parts}.items():
                     sums[k] = sums.get(k, 0) + v.detach().float()
-                counts += iou_counts(out["seg"], batch)
+                iou.update(out["seg"], batch["seg_bev"], batch["valid_bev"])
         model.train()
         keys = sorted(sums)
-        packed = all_reduce_sum(torch.stack([sums[k] for k in keys] + [counts[0].float(), counts[1].float()]))
+        packed = all_reduce_sum(torch.stack([sums[k] for k in keys]))
         n = cfg.val_batches * info.world_size
         result = {k: (packed[i] / n).item() for i, k in enumerate(keys)}
-        inter, union = packed[-2].item(), packed[-1].item()
-        result["iou"] = inter / union if union > 0 else 0.0
+        result["iou"] = iou.compute()["simplebev"]["iou"]  # collective: counts summed over ranks
         if is_main and cfg.viz_freq and step % cfg.viz_freq == 0:
-            writer_v.add_image("bev/seg_gt", bev_image(batch["seg_bev"][0]), step)
-            writer_v.add_image("bev/seg_pred", bev_image(torch.sigmoid(out["seg"][0].float())), step)
+            log_bev_images(writer_v, "bev", batch, out, step, vox_util)
         return result
 
     # ---- the loop ------------------------------------------------------------------------------------
@@ -471,12 +500,14 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
                     with autocast():
                         out = forward(model, batch)
                     loss, parts = losses_fp32(out, batch, raw_model)
+                    if info.distributed and not cfg.find_unused_parameters:
+                        loss = loss + unused_outputs_term(out)
                     scaler.scale(loss / cfg.grad_acc).backward()
                 finite = finite and bool(torch.isfinite(loss).item())
                 step_loss += loss.detach().float() / cfg.grad_acc
                 for k, v in parts.items():
                     step_parts[k] = step_parts.get(k, 0) + v.detach().float() / cfg.grad_acc
-                window.add_iou(iou_counts(out["seg"], batch))
+                window.iou.update(out["seg"], batch["seg_bev"], batch["valid_bev"])
 
             # every rank must take the same decision: agree on non-finite losses and stop requests
             flags_t = torch.tensor([0.0 if finite else 1.0, float(stop.requested)], device=device)
@@ -533,9 +564,7 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
                 log_record(record)
 
             if is_main and cfg.viz_freq and step % cfg.viz_freq == 0:
-                writer_t.add_image("bev/seg_gt", bev_image(batch["seg_bev"][0]), step)
-                pred = torch.sigmoid(out["seg"][0].detach().float())
-                writer_t.add_image("bev/seg_pred", bev_image(pred), step)
+                log_bev_images(writer_t, "bev", batch, out, step, vox_util)
 
             if val_cursor is not None and step % cfg.val_freq == 0:
                 res = evaluate()
@@ -608,13 +637,10 @@ class _Window:
     def reset(self) -> None:
         self.loss = torch.zeros((), device=self.device)
         self.parts: Dict[str, torch.Tensor] = {}
-        self.iou = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self.iou = BevIoUEvaluator()  # whole grid, Simple-BEV protocol (valid_bev mask)
         self.finite_steps = self.steps = 0
         self.data_time = self.step_time = 0.0
         self.samples = 0
-
-    def add_iou(self, counts: torch.Tensor) -> None:
-        self.iou += counts
 
     def add_step(self, loss, parts, finite: bool, data_time: float, step_time: float, samples: int) -> None:
         self.steps += 1
@@ -631,16 +657,14 @@ class _Window:
         keys = sorted(self.parts)
         packed = torch.stack(
             [self.loss.float()] + [self.parts[k].float() for k in keys]
-            + [self.iou[0].float(), self.iou[1].float()]
             + [torch.tensor(float(self.finite_steps), device=self.device)]
         )
         packed = all_reduce_sum(packed)
         n = max(packed[-1].item(), 1.0)  # finite steps summed over ranks
-        inter, union = packed[-3].item(), packed[-2].item()
         rec = {
             "loss": packed[0].item() / n if self.finite_steps else math.nan,
             "parts": {k: packed[1 + i].item() / n for i, k in enumerate(keys)},
-            "iou": inter / union if union > 0 else 0.0,
+            "iou": self.iou.compute()["simplebev"]["iou"],  # collective
             "data_time": self.data_time / max(self.steps, 1),
             "step_time": self.step_time / max(self.steps, 1),
             "samples_per_s": self.samples / max(self.step_time, 1e-9),
