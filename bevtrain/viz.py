@@ -64,15 +64,27 @@ def _np(x) -> np.ndarray:
     return x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
 
 
-def _put_text(img: np.ndarray, text: str, org: Tuple[int, int], scale: float = 0.5, color=TEXT_COLOR) -> None:
-    """Text with a dark outline so it reads on any background."""
+def _put_text(
+    img: np.ndarray, text: str, org: Tuple[int, int], scale: float = 0.5, color=TEXT_COLOR, max_width: int = 0
+) -> int:
+    """Outlined text (reads on any background), shrunk to fit ``max_width`` px; returns its width."""
+    if max_width > 0:
+        width = cv2.getTextSize(text, FONT, scale, 1)[0][0]
+        if width > max_width:
+            scale = max(0.25, scale * max_width / width)
     cv2.putText(img, text, org, FONT, scale, (0, 0, 0), 3, cv2.LINE_AA)
     cv2.putText(img, text, org, FONT, scale, color, 1, cv2.LINE_AA)
+    return cv2.getTextSize(text, FONT, scale, 1)[0][0]
 
 
-def _label_bar(width: int, height: int, text: str) -> np.ndarray:
+def _ui_scale(cell_width: int) -> float:
+    """Text size relative to the 400-px cells the layout was drawn for."""
+    return float(np.clip(cell_width / 400, 0.7, 1.5))
+
+
+def _label_bar(width: int, height: int, text: str, right_margin: int = 0) -> np.ndarray:
     bar = np.full((height, width, 3), BACKGROUND, np.uint8)
-    _put_text(bar, text, (6, height - 8), 0.55)
+    _put_text(bar, text, (6, height - 8), 0.55, max_width=width - 12 - right_margin)
     return bar
 
 
@@ -197,7 +209,7 @@ def render_cameras(batch: Dict, i: int, cell_width: int = 400) -> np.ndarray:
             pix_T_cams[s].numpy(),
             thickness=max(1, cell_width // 300),
         )
-        _put_text(img, names[s], (6, 18), 0.5)
+        _put_text(img, names[s], (6, 18), 0.5 * _ui_scale(cell_width), max_width=cell_width - 12)
         r, c = positions[s]
         canvas[r * cell_h : (r + 1) * cell_h, c * cell_width : (c + 1) * cell_width] = img
     return canvas
@@ -269,7 +281,7 @@ class BevCanvas:
         cv2.line(panel, (x0, y0), (x0 + length, y0), TEXT_COLOR, 2)
         for x in (x0, x0 + length):
             cv2.line(panel, (x, y0 - 5), (x, y0 + 5), TEXT_COLOR, 2)
-        _put_text(panel, f"{metres:g} m", (x0 + length + 6, y0 + 5), 0.45)
+        _put_text(panel, f"{metres:g} m", (x0 + length + 6, y0 + 5), 0.45 * _ui_scale(self.width))
 
 
 def sample_iou(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -333,29 +345,48 @@ def render_bev_panels(
         f"errors  IoU {fmt(ious['simplebev'])} / LSS {fmt(ious['lss'])}",
     ]
     bar_h = 28
+    ramp_w = max(24, min(80, canvas.width // 5))  # the heat-map's colour bar, in the prediction's title bar
     cols = []
-    for panel, title in zip(panels, titles):
-        bar = _label_bar(canvas.width, bar_h, title)
+    for k, (panel, title) in enumerate(zip(panels, titles)):
+        bar = _label_bar(canvas.width, bar_h, title, right_margin=ramp_w + 36 if k == 1 else 0)
         cols.append(np.concatenate([bar, panel], axis=0))
-    # A colour bar for the heat-map in the prediction's title bar.
-    ramp = cv2.applyColorMap(np.tile(np.linspace(0, 255, 80).astype(np.uint8), (10, 1)), cv2.COLORMAP_INFERNO)
-    x0 = canvas.width - 80 - 30
-    cols[1][9:19, x0 : x0 + 80] = cv2.cvtColor(ramp, cv2.COLOR_BGR2RGB)
-    _put_text(cols[1], "0", (x0 - 14, 19), 0.4)
-    _put_text(cols[1], "1", (x0 + 84, 19), 0.4)
+    ramp = cv2.applyColorMap(
+        np.tile(np.linspace(0, 255, ramp_w).astype(np.uint8), (10, 1)), cv2.COLORMAP_INFERNO
+    )
+    x0 = canvas.width - ramp_w - 16
+    cols[1][9:19, x0 : x0 + ramp_w] = cv2.cvtColor(ramp, cv2.COLOR_BGR2RGB)
+    _put_text(cols[1], "0", (x0 - 12, 19), 0.4)
+    _put_text(cols[1], "1", (x0 + ramp_w + 3, 19), 0.4)
     return np.concatenate(cols, axis=1), ious
 
 
-def render_legend(width: int, height: int = 30) -> np.ndarray:
-    bar = np.full((height, width, 3), BACKGROUND, np.uint8)
-    items = [(VISIBILITY_LABELS[v], VISIBILITY_COLORS[v]) for v in (1, 2, 3, 4)]
-    items += list(ERROR_COLORS.items()) + [("ego", EGO_COLOR)]
-    x = 8
-    for label, color in items:
-        cv2.rectangle(bar, (x, height // 2 - 6), (x + 12, height // 2 + 6), color, -1)
-        _put_text(bar, label, (x + 16, height // 2 + 5), 0.42)
-        x += 16 + cv2.getTextSize(label, FONT, 0.42, 1)[0][0] + 16
-    _put_text(bar, "rings: 20/35/50 m", (x, height // 2 + 5), 0.42, (150, 150, 150))
+LEGEND_ROW_H = 22
+HEADER_H = 26
+
+
+def render_legend(width: int) -> np.ndarray:
+    """Two rows: box colours in the cameras; pixel colours in the BEV panels. Fits any width."""
+    rows = [
+        ("boxes:", [(VISIBILITY_LABELS[v], VISIBILITY_COLORS[v]) for v in (1, 2, 3, 4)]),
+        ("BEV:", [
+            ("true pos.", ERROR_COLORS["true positive"]), ("false pos.", ERROR_COLORS["false positive"]),
+            ("false neg.", ERROR_COLORS["false negative"]), ("ignored", ERROR_COLORS["ignored (vis 0-40%)"]),
+            ("ego", EGO_COLOR), ("rings 20/35/50 m", RING_COLOR),
+        ]),
+    ]  # fmt: skip
+    bar = np.full((LEGEND_ROW_H * len(rows) + 4, width, 3), BACKGROUND, np.uint8)
+    for r, (head, items) in enumerate(rows):
+        # Lay the row out at a nominal size, then scale it to the width if it does not fit.
+        scale = 0.42
+        natural = cv2.getTextSize(head, FONT, scale, 1)[0][0] + sum(
+            16 + cv2.getTextSize(label, FONT, scale, 1)[0][0] + 14 for label, _ in items
+        )
+        scale = max(0.25, scale * min(1.0, (width - 16) / natural))
+        y = r * LEGEND_ROW_H + LEGEND_ROW_H // 2 + 2
+        x = 8 + _put_text(bar, head, (8, y + 5), scale, (170, 170, 170)) + 8
+        for label, color in items:
+            cv2.rectangle(bar, (x, y - 5), (x + 10, y + 5), color, -1)
+            x += 14 + _put_text(bar, label, (x + 14, y + 5), scale) + 12
     return bar
 
 
@@ -381,7 +412,7 @@ def render_composite(
     width = 3 * cell_width
     token = _str_of(batch, "sample_token", i)
     header = f"{_str_of(batch, 'scene_name', i)}   sample {_str_of(batch, 'index', i)}   {token}"
-    parts = [_label_bar(width, 26, header.strip()), cams, bev, render_legend(width)]
+    parts = [_label_bar(width, HEADER_H, header.strip()), cams, bev, render_legend(width)]
     return np.ascontiguousarray(np.concatenate(parts, axis=0))
 
 

@@ -170,7 +170,7 @@ def test_composite_size_layout_and_boxes_in_the_right_camera():
     cell_h = round(H * CELL / W)
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     assert image.shape[1] == 3 * CELL
-    assert image.shape[0] == 26 + 2 * cell_h + 28 + CELL + 30  # header, rig, titles, BEV, legend
+    assert image.shape[0] == 26 + 2 * cell_h + 28 + CELL + 48  # header, rig, titles, BEV, 2-row legend
 
     cams = viz.render_cameras(batch, 0, CELL)
     green = viz.VISIBILITY_COLORS[4]
