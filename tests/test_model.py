@@ -9,7 +9,14 @@ import torchvision
 
 from bevtrain.geometry import Vox_util, pad_intrinsics, rigid_inverse
 from bevtrain.losses import compute_losses
-from bevtrain.model import ENCODER_TYPES, Segnet, build_encoder, lift_features, lift_reference
+from bevtrain.model import (
+    ENCODER_TYPES,
+    Segnet,
+    build_encoder,
+    fold_y_into_channels,
+    lift_features,
+    lift_reference,
+)
 from bevtrain.model.encoders import resolve_backbone_weights
 
 SMALL_BOUNDS = (-16.0, 16.0, -5.0, 5.0, -16.0, 16.0)
@@ -61,13 +68,14 @@ def random_rig(B, S, feat_hw, seed=0):
 # ----------------------------------------------------------------------------------- lift
 
 
-def test_fast_lift_equals_reference_lift_values_and_gradients():
+@pytest.mark.parametrize("layout", ["channels_last", "channels_first"])
+def test_fast_lift_equals_reference_lift_values_and_gradients(layout):
     B, S, C, Hf, Wf = 2, 3, 5, 9, 14
     vox_util = Vox_util(12, 4, 14, bounds=SMALL_BOUNDS)
     featpix_T_ref = random_rig(B, S, (Hf, Wf))
     feats = torch.randn(B, S, C, Hf, Wf, requires_grad=True)
 
-    fast = lift_features(feats, featpix_T_ref, vox_util)
+    fast = lift_features(feats, featpix_T_ref, vox_util, layout)
     ref = lift_reference(feats, featpix_T_ref, vox_util)
     assert fast.shape == ref.shape == (B, C, 12, 4, 14)
     seen = ref.abs().sum(1) > 0
@@ -80,6 +88,13 @@ def test_fast_lift_equals_reference_lift_values_and_gradients():
     (grad_ref,) = torch.autograd.grad(ref, feats, upstream)
     assert grad_ref.abs().sum() > 0
     torch.testing.assert_close(grad_fast, grad_ref, atol=1e-4, rtol=1e-4)
+
+    # Folding Y into channels is free (no copy) in both layouts, with the same channel order.
+    folded = fold_y_into_channels(fast)
+    assert folded.data_ptr() == fast.data_ptr()
+    expected_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert folded.is_contiguous(memory_format=expected_format)
+    torch.testing.assert_close(folded, fold_y_into_channels(ref), atol=1e-5, rtol=1e-5)
 
 
 def test_lift_averages_over_the_cameras_that_see_a_voxel():

@@ -14,8 +14,8 @@ Two implementations compute the same numbers:
   pixels of all cameras, four bilinear weights per visible (voxel, camera) pair, divided by the
   number of cameras seeing the voxel) and multiplies it with the feature pixels. Only visible
   pairs cost anything, nothing of size S*C*V is allocated, and the backward pass is the
-  transposed matrix. Its output is laid out (B, Z, X, Y, C) in memory, so folding Y into channels
-  for the BEV compressor is a free view that is already channels-last.
+  transposed matrix (a free CSC view). Its output is laid out so that folding Y into channels
+  for the BEV compressor needs no transposing copy, channels-last or contiguous as asked.
 
 Both use the matrices as given: mirrored ``cam_T_ref`` (det -1) and negative focal lengths
 (horizontally flipped images) need no special code. Pixel centres sit at integer coordinates
@@ -92,23 +92,32 @@ def lift_reference(feats: torch.Tensor, featpix_T_ref: torch.Tensor, vox_util: V
         return (summed / count).reshape(B, C, Z, Y, X)
 
 
-def _voxel_centers_zxy(vox_util: Vox_util, device) -> torch.Tensor:
-    """(Z*X*Y, 3) voxel centres flattened in [z, x, y] order (y fastest)."""
+# Row orders of the lift matrix: which voxel axes vary slowest to fastest after the batch.
+_ROW_ORDERS = {"channels_last": (0, 2, 1), "channels_first": (1, 0, 2)}  # (z, x, y) / (y, z, x)
+
+
+def _voxel_centers(vox_util: Vox_util, order: Tuple[int, int, int], device) -> torch.Tensor:
+    """(V, 3) voxel centres flattened with grid axes (z=0, y=1, x=2) permuted to ``order``."""
     Z, Y, X = vox_util.grid_shape
-    return vox_util.voxel_centers_ref(device).reshape(Z, Y, X, 3).permute(0, 2, 1, 3).reshape(-1, 3)
+    grid = vox_util.voxel_centers_ref(device).reshape(Z, Y, X, 3)
+    return grid.permute(*order, 3).reshape(-1, 3)
 
 
 def build_lift_matrix(
-    featpix_T_ref: torch.Tensor, vox_util: Vox_util, feat_hw: Tuple[int, int]
+    featpix_T_ref: torch.Tensor,
+    vox_util: Vox_util,
+    feat_hw: Tuple[int, int],
+    layout: str = "channels_last",
 ) -> torch.Tensor:
-    """Sparse CSR (B*Z*X*Y, B*S*Hf*Wf) matrix whose product with feature pixels is the lift.
+    """Sparse CSR (B*V, B*S*Hf*Wf) matrix whose product with feature pixels is the lift.
 
-    Rows are voxels in [b, z, x, y] order; columns are feature pixels in [b, s, h, w] order.
+    Rows are voxels in [b, z, x, y] order (layout 'channels_last') or [b, y, z, x]
+    ('channels_first'); columns are feature pixels in [b, s, h, w] order.
     """
     B, S = featpix_T_ref.shape[:2]
     Hf, Wf = feat_hw
     device = featpix_T_ref.device
-    xyz = _voxel_centers_zxy(vox_util, device)
+    xyz = _voxel_centers(vox_util, _ROW_ORDERS[layout], device)
     V = xyz.shape[0]
     uv, visible = project_points(featpix_T_ref.float(), xyz, feat_hw)  # (B, S, V, 2), (B, S, V)
 
@@ -144,8 +153,16 @@ def build_lift_matrix(
         )
 
 
-class _SparseLift(torch.autograd.Function):
-    """out = M @ pixels with backward M^T @ grad (M carries no gradient: it is geometry)."""
+def _csc_matmul(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Product with a CSC operand (the free transpose of a CSR matrix), converting if unsupported."""
+    try:
+        return lhs @ rhs
+    except (RuntimeError, NotImplementedError):  # backends without CSC products
+        return lhs.to_sparse_csr() @ rhs if lhs.layout == torch.sparse_csc else lhs @ rhs.to_sparse_csr()
+
+
+class _LiftRows(torch.autograd.Function):
+    """out (R, C) = M @ pixels (N, C); backward M^T @ grad. M is geometry and gets no gradient."""
 
     @staticmethod
     def forward(ctx, lift_matrix, pixels):
@@ -155,32 +172,52 @@ class _SparseLift(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (lift_matrix,) = ctx.saved_tensors
-        if not ctx.needs_input_grad[1]:
-            return None, None
-        # M^T of a CSR matrix is a CSC view of the same storage: no sort, no copy.
-        transposed = lift_matrix.t()
-        try:
-            return None, transposed @ grad_out.contiguous()
-        except (RuntimeError, NotImplementedError):  # backends without CSC x dense
-            return None, transposed.to_sparse_csr() @ grad_out.contiguous()
+        return None, _csc_matmul(lift_matrix.t(), grad_out.contiguous())
 
 
-def lift_features(feats: torch.Tensor, featpix_T_ref: torch.Tensor, vox_util: Vox_util) -> torch.Tensor:
-    """Fast lift, same numbers as ``lift_reference``: (B, C, Z, Y, X), stored as (B, Z, X, Y, C).
+class _LiftColumns(torch.autograd.Function):
+    """out (C, R) = pixels^T (C, N) @ M^T; backward grad @ M. Channels come out slowest."""
 
-    feats: (B, S, C, Hf, Wf) any float dtype; featpix_T_ref: (B, S, 4, 4). Output is fp32.
+    @staticmethod
+    def forward(ctx, lift_matrix, pixels_t):
+        ctx.save_for_backward(lift_matrix)
+        return _csc_matmul(pixels_t, lift_matrix.t())
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (lift_matrix,) = ctx.saved_tensors
+        return None, grad_out.contiguous() @ lift_matrix
+
+
+def lift_features(
+    feats: torch.Tensor, featpix_T_ref: torch.Tensor, vox_util: Vox_util, layout: str = "channels_last"
+) -> torch.Tensor:
+    """Fast lift, same numbers as ``lift_reference``: (B, C, Z, Y, X) fp32.
+
+    feats: (B, S, C, Hf, Wf) any float dtype; featpix_T_ref: (B, S, 4, 4).
+    ``layout`` picks the memory behind the returned view so that ``fold_y_into_channels`` is free:
+    'channels_last' stores (B, Z, X, Y, C) (a channels-last BEV map), 'channels_first' stores
+    (B, Y, C, Z, X) (a contiguous BEV map). Both fold to channel index y*C + c.
     """
+    if layout not in _ROW_ORDERS:
+        raise ValueError(f"layout={layout!r}; valid: {', '.join(_ROW_ORDERS)}")
     _check_feats(feats)
     B, S, C, Hf, Wf = feats.shape
     Z, Y, X = vox_util.grid_shape
     with torch.autocast(device_type=feats.device.type, enabled=False):
-        lift_matrix = build_lift_matrix(featpix_T_ref, vox_util, (Hf, Wf))
-        pixels = feats.float().permute(0, 1, 3, 4, 2).reshape(B * S * Hf * Wf, C)  # free if channels-last
-        lifted = _SparseLift.apply(lift_matrix, pixels)  # (B*Z*X*Y, C)
-    return lifted.reshape(B, Z, X, Y, C).permute(0, 4, 1, 3, 2)
+        lift_matrix = build_lift_matrix(featpix_T_ref, vox_util, (Hf, Wf), layout)
+        if layout == "channels_last":
+            pixels = feats.float().permute(0, 1, 3, 4, 2).reshape(B * S * Hf * Wf, C)  # free if NHWC
+            lifted = _LiftRows.apply(lift_matrix, pixels)  # (B*Z*X*Y, C)
+            return lifted.reshape(B, Z, X, Y, C).permute(0, 4, 1, 3, 2)
+        pixels_t = feats.float().permute(2, 0, 1, 3, 4).reshape(C, B * S * Hf * Wf)  # small copy
+        lifted_t = _LiftColumns.apply(lift_matrix, pixels_t)  # (C, B*Y*Z*X)
+        # Moving whole (Z, X) planes is a cheap block copy, unlike a channels-last transpose.
+        folded = lifted_t.reshape(C, B, Y, Z, X).permute(1, 2, 0, 3, 4).contiguous()  # (B, Y, C, Z, X)
+        return folded.permute(0, 2, 3, 1, 4)
 
 
 def fold_y_into_channels(vox: torch.Tensor) -> torch.Tensor:
-    """(B, C, Z, Y, X) -> (B, Y*C, Z, X) with channel index y*C + c (a view for lift_features' layout)."""
+    """(B, C, Z, Y, X) -> (B, Y*C, Z, X) with channel index y*C + c (a view for lift_features' layouts)."""
     B, C, Z, Y, X = vox.shape
     return vox.permute(0, 3, 1, 2, 4).reshape(B, Y * C, Z, X)

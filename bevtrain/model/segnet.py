@@ -28,7 +28,7 @@ from bevtrain.model.lift import feature_pix_T_ref, fold_y_into_channels, lift_fe
 
 RADAR_FEAT_DIM = 16  # Simple-BEV's metaradar feature count
 # "reference" (grid_sample over every voxel and camera) exists for tests and benchmarks.
-LIFTS = {"sparse": lift_features, "reference": lift_reference}
+LIFTS = ("sparse", "reference")
 
 
 def _padding_mask(count: torch.Tensor, n: int) -> torch.Tensor:
@@ -150,7 +150,11 @@ class Segnet(nn.Module):
 
         with torch.autocast(device_type=images.device.type, enabled=False):
             featpix_T_ref = feature_pix_T_ref(pix_T_cams, cams_T_ref, (H, W), (Hf, Wf))
-            vox = LIFTS[self.lift_impl](feats, featpix_T_ref, self.vox_util)  # (B, latent, Z, Y, X) fp32
+            if self.lift_impl == "sparse":
+                layout = "channels_last" if fmt == torch.channels_last else "channels_first"
+                vox = lift_features(feats, featpix_T_ref, self.vox_util, layout)  # (B, latent, Z, Y, X)
+            else:
+                vox = lift_reference(feats, featpix_T_ref, self.vox_util)
             grids = self._point_grids(radar, radar_count, lidar, lidar_count)
 
         if self.uses_compressor:
