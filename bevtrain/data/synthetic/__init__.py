@@ -68,7 +68,8 @@ __all__ = [
 ]
 
 VERSION = "v1.0-mini"
-MARKER = ".bevtrain_synthetic.json"
+MARKER = ".bevtrain_synthetic.json"  # written last: its presence means the set is complete
+PARTIAL = ".bevtrain_synthetic.partial"  # present while a generation runs (or after it crashed)
 JPEG_QUALITY = 90
 FORMAT_VERSION = 1
 
@@ -428,8 +429,7 @@ def generate(
     """
     params = _params(keyframes, scenes, width, height, seed)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).unlink(missing_ok=True)
+    _prepare_out_dir(out)
     start = time.time()
     jobs = [
         dict(
@@ -493,6 +493,7 @@ def generate(
     stats["bytes"] = _dir_size(out)
     with open(out / MARKER, "w") as f:
         json.dump(dict(params=params, generator=generator_hash(), stats=stats), f, indent=1)
+    (out / PARTIAL).unlink(missing_ok=True)
     if progress:
         shares = " ".join(f"v{k}:{100 * v:.0f}%" for k, v in stats["visibility_share"].items())
         sys.stderr.write(
@@ -500,6 +501,25 @@ def generate(
             f"{stats['samples']} samples, {stats['annotations']} annotations, visibility {shares}\n"
         )
     return out
+
+
+OUTPUTS = ("samples", "sweeps", "maps", VERSION)
+
+
+def _prepare_out_dir(out: Path) -> None:
+    """Clear what an earlier generation wrote here; never touch a dataroot we did not make."""
+    out.mkdir(parents=True, exist_ok=True)
+    ours = (out / MARKER).exists() or (out / PARTIAL).exists()
+    foreign = [p.name for p in out.iterdir() if p.name in OUTPUTS or p.name.startswith("v1.0-")]
+    if foreign and not ours:
+        raise FileExistsError(
+            f"{out} already holds {sorted(foreign)} not made by bevtrain's generator (no {MARKER}); "
+            "choose an empty or new --out directory"
+        )
+    (out / PARTIAL).write_text("generation in progress or interrupted\n")
+    (out / MARKER).unlink(missing_ok=True)
+    for name in OUTPUTS:
+        shutil.rmtree(out / name, ignore_errors=True)
 
 
 def _marker_matches(out: Path, params: dict) -> bool:
@@ -549,12 +569,7 @@ def ensure_synthetic(
     with _locked(out):
         if _marker_matches(out, params):
             return out
-        if (
-            out.exists()
-            and any(out.iterdir())
-            and not (out / MARKER).exists()
-            and not (out / VERSION).exists()
-        ):
+        if out.exists() and any(out.iterdir()) and not ((out / MARKER).exists() or (out / PARTIAL).exists()):
             raise FileExistsError(
                 f"{out} holds files that are not a synthetic nuScenes set; "
                 "pass an empty or new directory to ensure_synthetic"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import cv2
 import numpy as np
@@ -50,21 +50,34 @@ class PlacedObject:
     radius: float  # of the outer box's bounding sphere
 
 
+def _actor_geometry(scene: Scene, actor: Actor):
+    """Part boxes and unshaded face colours of an actor (they never change)."""
+    cache = scene.__dict__.setdefault("_geometry_cache", {})
+    if actor.aid not in cache:
+        lo = np.stack([p.lo for p in actor.parts])
+        hi = np.stack([p.hi for p in actor.parts])
+        base = np.array([[p.side] * 4 + [p.top, p.side] for p in actor.parts], np.float64)  # (P, 6, 3)
+        lo_all, hi_all = lo.min(axis=0), hi.max(axis=0)
+        centre = 0.5 * (lo_all + hi_all)
+        sphere = 0.5 * float(np.linalg.norm(hi_all - lo_all))
+        cache[actor.aid] = (lo, hi, base, centre, sphere)
+    return cache[actor.aid]
+
+
 def place_objects(scene: Scene, t: float, ego, radius: float = RENDER_RADIUS) -> List[PlacedObject]:
     ego_R_global = yaw_matrix(ego.yaw).T
     placed = []
     for actor in scene.actors:
-        st = scene.actor_state(actor, t)
-        if st is None or math.hypot(st.x - ego.x, st.y - ego.y) > radius:
+        where = scene.actor_position(actor, t)
+        if where is None or math.hypot(where[0] - ego.x, where[1] - ego.y) > radius:
             continue
+        st = scene.actor_state(actor, t)
+        lo, hi, base, centre, sphere = _actor_geometry(scene, actor)
         global_R_obj = yaw_matrix(st.yaw)
         ego_R_obj = ego_R_global @ global_R_obj
         ego_t = ego_R_global @ np.array([st.x - ego.x, st.y - ego.y, 0.0])
         normals_world = FACE_NORMALS @ global_R_obj.T  # (6, 3)
         shades = AMBIENT + DIFFUSE * np.clip(normals_world @ SUN_DIRECTION, 0.0, None)  # (6,)
-        lo = np.stack([p.lo for p in actor.parts])
-        hi = np.stack([p.hi for p in actor.parts])
-        base = np.array([[p.side] * 4 + [p.top, p.side] for p in actor.parts], np.float64)  # (P, 6, 3)
         face_rgb = np.clip(np.round(base * shades[None, :, None]), 0, 255).astype(np.uint8)
         decals = []
         for p in actor.parts:
@@ -76,9 +89,6 @@ def place_objects(scene: Scene, t: float, ego, radius: float = RENDER_RADIUS) ->
                 )
                 shaded.append((face, ax, bx, a0, a1, b0, b1, colour))
             decals.append(shaded)
-        lo_all, hi_all = lo.min(axis=0), hi.max(axis=0)
-        centre = 0.5 * (lo_all + hi_all)
-        sphere = 0.5 * float(np.linalg.norm(hi_all - lo_all))
         placed.append(PlacedObject(actor, st, ego_R_obj, ego_t, lo, hi, face_rgb, decals, centre, sphere))
     return placed
 
@@ -132,7 +142,9 @@ def _hit_parts(o, d, ob: PlacedObject, outer: bool = True):
 
 
 def _safe_inv(d):
-    return 1.0 / np.where(np.abs(d) < 1e-12, 1e-12, d)
+    # Axis-parallel rays give +-inf (callers silence the warning): the slab test handles them; a NaN
+    # would need a ray exactly in a face plane, and then counts as a miss.
+    return 1.0 / d
 
 
 class Camera:
@@ -201,10 +213,13 @@ class Camera:
         flat[self.ground_start :] = blend.astype(np.uint8)
         return cv2.resize(half, (self.W, self.H), interpolation=cv2.INTER_LINEAR)
 
-    def render(
-        self, scene: Scene, ego, objects: List[PlacedObject]
-    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """RGB image (H, W, 3) uint8, and per object the unoccluded and visible pixel counts.
+    def render(self, scene: Scene, ego, objects: List[PlacedObject]):
+        """RGB image (H, W, 3) uint8, and per object the unoccluded and visible pixel counts."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self._render(scene, ego, objects)
+
+    def _render(self, scene: Scene, ego, objects: List[PlacedObject]):
+        """Image and per-object unoccluded / visible pixel counts.
 
         Objects are drawn nearest first; pixels already covered by something nearer than an
         object's nearest point skip its shading and only enter its unoccluded count (estimated
@@ -303,22 +318,34 @@ class Camera:
 def _shade_hits(o, d, t_hit, part, ob: PlacedObject) -> np.ndarray:
     """Colours (N, 3) uint8 of hits: the entry face's shaded colour, then the part's decals."""
     face = np.zeros(len(t_hit), np.int64)
-    for p in np.unique(part):
-        m = np.flatnonzero(part == p)
+    parts = np.unique(part)
+    for p in parts:
+        m = np.flatnonzero(part == p) if len(parts) > 1 else np.arange(len(part))
         face[m] = _entry_face(o, tuple(x[m] for x in d), ob.lo[p], ob.hi[p])
     rgb = ob.face_rgb[part, face]
-    for p in np.unique(part):
-        if not ob.decals[p]:
-            continue
-        m = np.flatnonzero(part == p)
-        hit = [o[k] + t_hit[m] * d[k][m] for k in range(3)]  # object-frame hit points
-        for f, ax, bx, a0, a1, b0, b1, colour in ob.decals[p]:
-            on = (face[m] == f) & (hit[ax] >= a0) & (hit[ax] <= a1) & (hit[bx] >= b0) & (hit[bx] <= b1)
-            rgb[m[on]] = colour
+    for p in parts:
+        by_face = {}
+        for decal in ob.decals[p]:
+            by_face.setdefault(decal[0], []).append(decal)
+        for f, decals in by_face.items():
+            m = np.flatnonzero((part == p) & (face == f))
+            if len(m) == 0:
+                continue
+            ax, bx = decals[0][1], decals[0][2]
+            ha = o[ax] + t_hit[m] * d[ax][m]  # object-frame hit coordinates in the face plane
+            hb = o[bx] + t_hit[m] * d[bx][m]
+            for _, _, _, a0, a1, b0, b1, colour in decals:
+                on = (ha >= a0) & (ha <= a1) & (hb >= b0) & (hb <= b1)
+                rgb[m[on]] = colour
     return rgb
 
 
-def cast_rays(
+def cast_rays(*args, **kwargs) -> Tuple[np.ndarray, np.ndarray]:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _cast_rays(*args, **kwargs)
+
+
+def _cast_rays(
     origin: np.ndarray,
     dirs: np.ndarray,
     objects: List[PlacedObject],
@@ -565,7 +592,3 @@ def points_in_box_counts(points_ego: np.ndarray, objects: List[PlacedObject], ma
         )
         counts[k] = int(inside.sum())
     return counts
-
-
-def object_ids(objects: List[PlacedObject]) -> Dict[int, int]:
-    return {ob.actor.aid: k for k, ob in enumerate(objects)}

@@ -47,7 +47,7 @@ RADAR_SWEEPS_PER_INTERVAL = 2  # non-key radar sweeps before each keyframe
 ANNOTATION_RADIUS = 70.0  # m, box centres within this xy distance of the ego are annotated
 LIDAR_RANGE = 60.0  # m; below ANNOTATION_RADIUS so every lidar/radar return lies on an annotated box
 RADAR_RANGE = 60.0
-RENDER_RADIUS = 150.0  # m, objects farther away are not drawn
+RENDER_RADIUS = 120.0  # m, objects farther away are not drawn (a car there is ~17 px long)
 
 CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
 RADARS = ("RADAR_FRONT", "RADAR_FRONT_LEFT", "RADAR_FRONT_RIGHT", "RADAR_BACK_LEFT", "RADAR_BACK_RIGHT")
@@ -281,8 +281,9 @@ def object_parts(category: str, instance_token: str, wlh: Sequence[float], rider
             part.decals.append((face, a0 * scale[0], a1 * scale[0], b0 * scale[1], b1 * scale[1], rgb))
 
     if category == "vehicle.car":
-        add(-0.46, 0.46, -0.47, 0.47, 0.0, 0.16, UNDERBODY)
-        shell = add(-0.5, 0.5, -0.5, 0.5, 0.14, 0.56, body)
+        shell = add(-0.5, 0.5, -0.5, 0.5, 0.0, 0.56, body)
+        paint(shell, [0, 1], -0.5, 0.5, 0.0, 0.16, UNDERBODY)  # bumpers and the shadowed underside
+        paint(shell, [2, 3], -0.5, 0.5, 0.0, 0.14, UNDERBODY)
         add(-0.30, 0.20, -0.44, 0.44, 0.56, 1.0, GLASS, body)
         for y0, y1 in ((0.26, 0.44), (-0.44, -0.26)):
             paint(shell, [0], y0, y1, 0.40, 0.50, (235, 235, 215))  # head lights
@@ -292,12 +293,15 @@ def object_parts(category: str, instance_token: str, wlh: Sequence[float], rider
     elif category == "vehicle.truck":
         cab = _jitter(rng, TRUCK_PALETTE[rng.integers(len(TRUCK_PALETTE))])
         add(-0.48, 0.48, -0.47, 0.47, 0.0, 0.22, UNDERBODY)
-        add(0.28, 0.5, -0.5, 0.5, 0.12, 0.68, cab)
+        front = add(0.28, 0.5, -0.5, 0.5, 0.12, 0.68, cab)
         add(0.30, 0.48, -0.46, 0.46, 0.68, 0.92, GLASS, cab)
-        add(-0.5, 0.26, -0.5, 0.5, 0.20, 1.0, body)
+        cargo = add(-0.5, 0.26, -0.5, 0.5, 0.20, 1.0, body)
+        for y0, y1 in ((0.28, 0.45), (-0.45, -0.28)):
+            paint(front, [0], y0, y1, 0.22, 0.30, (235, 235, 215))
+            paint(cargo, [1], y0, y1, 0.24, 0.30, (190, 20, 20))
     elif category in ("vehicle.bus.rigid", "vehicle.bus.bendy"):
-        add(-0.48, 0.48, -0.47, 0.47, 0.0, 0.10, UNDERBODY)
-        shell = add(-0.5, 0.5, -0.5, 0.5, 0.08, 1.0, body, (225, 225, 222))
+        shell = add(-0.5, 0.5, -0.5, 0.5, 0.0, 1.0, body, (225, 225, 222))
+        paint(shell, [0, 1, 2, 3], -0.5, 0.5, 0.0, 0.08, UNDERBODY)
         paint(shell, [2, 3], -0.47, 0.5, 0.55, 0.86, GLASS)  # window band
         paint(shell, [0], -0.45, 0.45, 0.45, 0.9, GLASS)  # wind screen
         paint(shell, [1], -0.4, 0.4, 0.6, 0.86, GLASS)
@@ -307,8 +311,10 @@ def object_parts(category: str, instance_token: str, wlh: Sequence[float], rider
         if category == "vehicle.bus.bendy":
             paint(shell, [2, 3], 0.08, 0.14, 0.10, 0.95, (40, 40, 42))  # the articulation
     elif category == "vehicle.trailer":
-        add(-0.5, 0.5, -0.45, 0.45, 0.0, 0.28, UNDERBODY)
-        add(-0.5, 0.5, -0.5, 0.5, 0.25, 1.0, body)
+        shell = add(-0.5, 0.5, -0.5, 0.5, 0.0, 1.0, body)
+        paint(shell, [0, 1, 2, 3], -0.5, 0.5, 0.0, 0.25, UNDERBODY)
+        for y0, y1 in ((0.3, 0.45), (-0.45, -0.3)):
+            paint(shell, [1], y0, y1, 0.27, 0.33, (190, 20, 20))
     elif category == "vehicle.construction":
         add(-0.45, 0.45, -0.5, 0.5, 0.0, 0.22, (52, 50, 48))
         add(-0.5, 0.2, -0.5, 0.5, 0.2, 0.62, body)
@@ -842,6 +848,20 @@ class Scene:
             return x, y, (float(h) if actor.direction > 0 else float(h) + math.pi)
 
         return self._moving_state(pose, t)
+
+    def actor_position(self, actor: Actor, t: float) -> Tuple[float, float] | None:
+        """Where the actor's box centre is (cheaper than actor_state)."""
+        if actor.mode == "static":
+            return actor.static_pose[0], actor.static_pose[1]
+        road = self.roads[actor.road]
+        if actor.mode == "follow":
+            s = self.ego_s0 + float(self.ego_s(t)) + actor.s0
+        else:
+            s = actor.s0 + actor.direction * actor.speed * t
+        if not (0.0 <= s <= road.length):
+            return None
+        x, y, _ = road.pose(s, actor.offset)
+        return float(x), float(y)
 
     @staticmethod
     def _moving_state(pose, t: float, dt: float = 0.02) -> ActorState | None:
