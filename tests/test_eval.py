@@ -1,0 +1,261 @@
+"""Evaluation end to end on the synthetic val split: oracle/empty IoU, a trained checkpoint, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from bevtrain.build import build_dataset, build_vox_util
+from bevtrain.config import ConfigError, resolve_config
+from bevtrain.evaluate import EvalError, evaluate, find_checkpoint, run_split
+
+make_loader = pytest.importorskip("bevtrain.data.dataset").make_loader
+
+# A model and data small enough for CPU tests: 56x100 images, a 50x50 grid of 2 m cells.
+TINY = dict(
+    encoder_type="res18", encoder_weights="none", res_scale=0.25, Z=50, Y=4, X=50, latent_dim=16,
+    batch_size=2, grad_acc=1, nworkers=0, device="cpu", dset="mini", amp="none",
+)  # fmt: skip
+VIZ_CELL = 160
+
+
+def _tiny_cfg(root: Path, cache: Path, **kw):
+    cfg, _ = resolve_config({**TINY, "data_dir": str(root), "cache_dir": str(cache), **kw})
+    return cfg
+
+
+def _val_sample_count(root: Path) -> int:
+    """Samples of the mini val scenes, counted by the devkit (independent of our index)."""
+    from nuscenes.nuscenes import NuScenes
+    from nuscenes.utils.splits import create_splits_scenes
+
+    nusc = NuScenes("v1.0-mini", dataroot=str(root), verbose=False)
+    val_scenes = set(create_splits_scenes()["mini_val"])
+    return sum(s["nbr_samples"] for s in nusc.scene if s["name"] in val_scenes)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("eval_index_cache")
+
+
+@pytest.fixture(scope="module")
+def val_loader(synthetic_root, cache):
+    cfg = _tiny_cfg(synthetic_root, cache)
+    ds = build_dataset(cfg, split="val", is_train=False)
+    return cfg, ds, make_loader(ds, 2, 0, shuffle=False, is_train=False)
+
+
+def test_oracle_gets_one_and_empty_gets_zero_on_synthetic_val(val_loader, synthetic_root):
+    cfg, ds, loader = val_loader
+    vox_util = build_vox_util(cfg)
+    n = len(ds)
+    assert n == _val_sample_count(synthetic_root)
+    cpu = torch.device("cpu")
+
+    def oracle(batch):  # ground truth as logits through the same metric path
+        return torch.where(batch["seg_bev"] > 0.5, 20.0, -20.0)
+
+    def empty(batch):
+        return torch.full_like(batch["seg_bev"], -20.0)
+
+    res = run_split(loader, oracle, n, vox_util, cpu)
+    assert res["samples"] == n
+    r = res["result"]
+    assert r["samples"] == n
+    for protocol in ("simplebev", "lss"):
+        assert r[protocol]["union"] > 0
+        assert r[protocol]["iou"] == 1.0
+        for band in r[protocol]["bands"].values():
+            assert band["union"] == 0 or band["iou"] == 1.0
+    # The synthetic set has low-visibility vehicles: the protocols score different pixels.
+    assert r["simplebev"]["union"] < r["lss"]["union"]
+
+    r0 = run_split(loader, empty, n, vox_util, cpu)["result"]
+    assert r0["simplebev"]["iou"] == 0.0 and r0["lss"]["iou"] == 0.0
+    assert r0["lss"]["union"] == r["lss"]["union"]  # the union is the ground truth alone
+
+
+def test_every_sample_exactly_once(val_loader):
+    cfg, ds, _ = val_loader
+    n = len(ds)
+    vox_util = build_vox_util(cfg)
+    cpu = torch.device("cpu")
+
+    def oracle(batch):
+        return torch.where(batch["seg_bev"] > 0.5, 20.0, -20.0)
+
+    # A sampler that pads with duplicates (like DistributedSampler): duplicates count once.
+    padded = torch.utils.data.DataLoader(ds, batch_size=3, sampler=list(range(n)) + [0, 1])
+    res = run_split(padded, oracle, n, vox_util, cpu)
+    assert res["samples"] == n and res["result"]["samples"] == n
+    # A loader that drops samples (drop_last) cannot pass for the split.
+    dropping = torch.utils.data.DataLoader(ds, batch_size=3, sampler=list(range(n)), drop_last=True)
+    assert n % 3 != 0
+    with pytest.raises(EvalError, match="no turn"):
+        run_split(dropping, oracle, n, vox_util, cpu)
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_root, cache, tmp_path_factory):
+    """A checkpoint from a 2-step training run of the real training loop."""
+    from bevtrain.train import main as train_main
+
+    root = tmp_path_factory.mktemp("run")
+    train_main(
+        **TINY, data_dir=str(synthetic_root), cache_dir=str(cache), max_iters=2, do_val=False,
+        viz_freq=0, log_freq=1, save_freq=2, exp_name="evaltest", ckpt_dir=str(root / "ckpt"),
+        log_dir=str(root / "logs"),
+    )  # fmt: skip
+    runs = [p for p in (root / "ckpt").iterdir() if p.is_dir()]
+    assert len(runs) == 1
+    return runs[0], root
+
+
+def test_eval_of_a_trained_checkpoint_writes_metrics_and_pictures(trained_run, synthetic_root, cache):
+    from PIL import Image
+
+    run_dir, root = trained_run
+    n = _val_sample_count(synthetic_root)
+    summary = evaluate(
+        init_dir=str(run_dir), viz_every=3, max_viz=4, viz_width=VIZ_CELL, gif_scale=0.5, nworkers=0,
+        log_dir=str(root / "logs"), batch_size=3,  # 3 does not divide the split: no sample may be dropped
+    )  # fmt: skip
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert n % 3 != 0
+    assert metrics["samples"] == n == metrics["data"]["split_size"]
+    assert metrics["step"] == 2 and metrics["checkpoint"].endswith("model-000000002.pth")
+    assert metrics["data"]["split"] == "val" and metrics["config"]["encoder_type"] == "res18"
+    for protocol in ("simplebev", "lss"):
+        p = metrics["protocols"][protocol]
+        assert 0 <= p["intersection"] <= p["union"]
+        assert set(p["bands"]) == {"0-20m", "20-35m", "35-50m"}
+    assert metrics["samples_per_s"] > 0
+    assert any(note.startswith("batch_size: 2 -> 3") for note in metrics["overrides"])
+
+    # Composites of positions 0, 3, 6, ... (at most 4) of the expected size; one GIF per scene among them.
+    pngs = [Path(p) for p in summary["pngs"]]
+    assert sorted(int(p.stem.rsplit("__", 1)[1]) for p in pngs) == list(range(0, n, 3))[:4]
+    assert all(p.is_file() for p in pngs)
+    H, W = 56, 100  # res_scale 0.25
+    expected_hw = (26 + 2 * round(H * VIZ_CELL / W) + 28 + VIZ_CELL + 48, 3 * VIZ_CELL)
+    for p in pngs:
+        with Image.open(p) as im:
+            assert im.size[::-1] == expected_hw
+    scenes = {p.name.rsplit("__", 1)[0] for p in pngs}
+    gifs = [Path(g) for g in summary["gifs"]]
+    assert {g.stem for g in gifs} == scenes
+    for g in gifs:
+        with Image.open(g) as im:
+            assert im.size == (round(expected_hw[1] * 0.5), round(expected_hw[0] * 0.5))
+            assert im.n_frames == sum(p.name.startswith(g.stem + "__") for p in pngs)
+    events = list((root / "logs" / run_dir.name / "eval").glob("events.out.tfevents.*"))
+    assert events
+
+    # --viz_only draws without scoring the split and leaves metrics.json alone.
+    before = (run_dir / "metrics.json").read_text()
+    only = evaluate(init_dir=str(run_dir), viz_only=True, viz_every=5, max_viz=2, viz_width=VIZ_CELL,
+                    viz_dir=str(root / "vizonly"), tensorboard=False)  # fmt: skip
+    assert only["samples"] == 2 and len(only["pngs"]) == 2 and "protocols" not in only
+    assert (run_dir / "metrics.json").read_text() == before
+
+
+def test_clear_errors(trained_run, synthetic_root, tmp_path):
+    run_dir, _ = trained_run
+    with pytest.raises(EvalError, match="--init_dir is required"):
+        find_checkpoint("")
+    with pytest.raises(EvalError, match="does not exist"):
+        find_checkpoint(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvalError, match="it is empty"):
+        find_checkpoint(str(tmp_path / "empty"))
+    # The ckpt_dir instead of a run folder: the message names the run folders inside.
+    with pytest.raises(EvalError, match=f"run folders inside it: .*{run_dir.name}"):
+        find_checkpoint(str(run_dir.parent))
+    with pytest.raises(EvalError, match=r"steps in .*: \[2\]"):
+        find_checkpoint(str(run_dir), load_step=7)
+    assert find_checkpoint(str(run_dir), load_step=2).name == "model-000000002.pth"
+
+    # A misspelt flag: name the closest one.
+    with pytest.raises(ConfigError, match="did you mean 'viz_every'"):
+        evaluate(init_dir=str(run_dir), viz_evry=3)
+
+    # A model setting that differs from the checkpoint's: say which.
+    with pytest.raises(EvalError, match=r"latent_dim: 16 \(checkpoint\) vs 32 \(now\)"):
+        evaluate(init_dir=str(run_dir), latent_dim=32, tensorboard=False, viz_every=0)
+    # A checkpoint whose saved config does not match its weights.
+    ckpt = torch.load(find_checkpoint(str(run_dir)), weights_only=True)
+    ckpt["config"]["encoder_type"] = "res50"
+    bad = tmp_path / "bad_run"
+    bad.mkdir()
+    torch.save(ckpt, bad / "model-000000002.pth")
+    with pytest.raises(EvalError, match="does not match the model"):
+        evaluate(init_dir=str(bad), tensorboard=False, viz_every=0)
+
+    # data_dir without the split's tables.
+    with pytest.raises(EvalError, match=r"has no v1.0-trainval/ .*pass --dset=mini"):
+        evaluate(init_dir=str(run_dir), dset="trainval", tensorboard=False, viz_every=0)
+    (tmp_path / "not_nuscenes").mkdir()
+    with pytest.raises(EvalError, match="has no v1.0-mini/"):
+        evaluate(
+            init_dir=str(run_dir), data_dir=str(tmp_path / "not_nuscenes"), tensorboard=False, viz_every=0
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _eval_rank(rank, world_size, port, run_dir, out_dir, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
+    torch.set_num_threads(1)
+    out_dir = Path(out_dir)
+    summary = evaluate(
+        init_dir=run_dir, metrics_path=str(out_dir / "metrics.json"), viz_every=3, max_viz=3,
+        viz_dir=str(out_dir / "viz"), viz_width=VIZ_CELL, tensorboard=False,
+    )  # fmt: skip
+    queue.put((rank, summary.get("protocols"), summary["samples"], sorted(summary["pngs"])))
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_single_process_numbers(trained_run, tmp_path):
+    import torch.multiprocessing as mp
+
+    run_dir, _ = trained_run
+    single = evaluate(init_dir=str(run_dir), metrics_path=str(tmp_path / "single.json"), viz_every=0,
+                      tensorboard=False)  # fmt: skip
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_eval_rank, args=(r, 2, port, str(run_dir), str(tmp_path), queue))
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    results = dict((r, rest) for r, *rest in (queue.get(timeout=300) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    protocols, samples, pngs = results[0]
+    assert samples == single["samples"]
+    for protocol in ("simplebev", "lss"):
+        for key in ("intersection", "union"):
+            assert protocols[protocol][key] == single["protocols"][protocol][key]
+    # Every rank knows every rank's composites (positions 0 and 6 on rank 0, 3 on rank 1).
+    assert [int(Path(p).stem.rsplit("__", 1)[1]) for p in sorted(pngs, key=lambda p: Path(p).stem[-6:])] == [
+        0,
+        3,
+        6,
+    ]
+    assert all(Path(p).is_file() for p in pngs)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["samples"] == single["samples"]
