@@ -1,0 +1,386 @@
+"""NuScenes BEV dataset and loader: the per-sample batch contract of README.md.
+
+Frames: the reference frame is the reference camera's frame at its own timestamp (x right, y down,
+z forward). Every transform is composed through the global frame with each sensor's own ego pose,
+so cameras, boxes and sweeps captured at slightly different times stay consistent.
+
+Camera order: the reference camera is always slot 0 (Simple-BEV's convention; ``cams_T_ref[0]`` is
+the identity unless the BEV mirror is on), the others follow in ``CAMERA_NAMES`` order (validation)
+or in random order (training). ``cam_ids`` gives each slot's index into ``CAMERA_NAMES``.
+
+Randomness: every random choice of a sample comes from a generator seeded with
+(seed, epoch, index), so augmentation is reproducible whatever the worker count or the order in
+which workers pick samples; the loader's sampler passes the epoch along with each index.
+
+rand_flip (training): per camera, a horizontal image flip with the matching intrinsics (geometry
+exact, no target change); per sample, a BEV mirror M = diag(sx, 1, sz, 1), sx, sz in {+1, -1}:
+the reference frame becomes M @ ref, so cams_T_ref <- cams_T_ref @ M, ref_T_ego <- M @ ref_T_ego,
+points and box corners are mirrored and the target maps are flipped along X / Z (offsets negated
+along the flipped axis). A mirror axis is only used when the grid is symmetric about 0 on it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from bevtrain import geometry
+from bevtrain.data import augment, points, targets
+from bevtrain.data.index import CAMERA_NAMES, RADAR_NAMES, load_index
+
+__all__ = ["NuScenesBEVDataset", "make_loader", "CAMERA_NAMES", "EpochSampler"]
+
+MAX_BOXES = 64
+RADAR_POINTS_PER_SWEEP = 700  # Simple-BEV: "radar has <700 points"
+LIDAR_POINTS_PER_SWEEP = 35000  # a nuScenes lidar sweep has at most 34,720 returns
+
+
+class SampleReadError(OSError):
+    pass
+
+
+def _rigid_inv(m: np.ndarray) -> np.ndarray:
+    out = np.eye(4)
+    r = m[:3, :3]
+    out[:3, :3] = r.T
+    out[:3, 3] = -r.T @ m[:3, 3]
+    return out
+
+
+class NuScenesBEVDataset(Dataset):
+    def __init__(
+        self,
+        data_dir,
+        dset: str = "mini",
+        split: str = "train",
+        is_train: bool = True,
+        res_scale: float = 2,
+        rand_crop_and_resize: bool = True,
+        rand_flip: bool = True,
+        ncams: int = 6,
+        nsweeps: int = 3,
+        do_shuffle_cams: bool = True,
+        refcam_id: int = 1,
+        use_radar: bool = False,
+        use_radar_filters: bool = False,
+        use_lidar: bool = False,
+        use_metaradar: bool = False,
+        seqlen: int = 1,
+        get_tids: bool = False,
+        temporal_aug: bool = False,
+        Z: int = 200,
+        Y: int = 8,
+        X: int = 200,
+        bounds: Sequence[float] = geometry.DEFAULT_BOUNDS,
+        scene_centroid: Sequence[float] = geometry.DEFAULT_CENTROID,
+        classes: Sequence[str] = ("vehicle",),
+        cache_dir=None,
+        seed: int = 0,
+        fast_decode: bool = True,
+    ):
+        if seqlen != 1:
+            raise NotImplementedError(
+                f"seqlen={seqlen}: only single frames (seqlen=1) are supported by the batch contract"
+            )
+        if not 1 <= ncams <= len(CAMERA_NAMES):
+            raise ValueError(f"ncams={ncams} must be in 1..{len(CAMERA_NAMES)}")
+        if not 0 <= refcam_id < len(CAMERA_NAMES):
+            raise ValueError(f"refcam_id={refcam_id} must index CAMERA_NAMES {CAMERA_NAMES}")
+        if use_metaradar and not use_radar:
+            raise ValueError("use_metaradar needs use_radar=True")
+        if nsweeps < 1:
+            raise ValueError(f"nsweeps={nsweeps} must be >= 1")
+        self.data_dir = str(data_dir)
+        self.records, self.index_info = load_index(
+            data_dir, dset, split, nsweeps=nsweeps, cache_dir=cache_dir
+        )
+        if len(self.records) == 0:
+            raise ValueError(f"split {split!r} of dset {dset!r} in {data_dir} has no samples")
+        self.dataroot = self.index_info["dataroot"]
+        self.is_train = is_train
+        self.final_dim = augment.final_dim_for(res_scale)
+        self.rand_crop_and_resize = rand_crop_and_resize
+        self.rand_flip = rand_flip
+        self.ncams = ncams
+        self.nsweeps = nsweeps
+        self.do_shuffle_cams = do_shuffle_cams
+        self.refcam_id = refcam_id
+        self.use_radar = use_radar
+        self.use_radar_filters = use_radar_filters
+        self.use_lidar = use_lidar
+        self.use_metaradar = use_metaradar
+        self.get_tids = get_tids
+        self.temporal_aug = temporal_aug  # only meaningful for seqlen > 1 (as in Simple-BEV)
+        self.classes = tuple(classes)
+        self.seed = int(seed)
+        self.fast_decode = fast_decode
+        self.epoch = 0
+        self.vox = geometry.Vox_util(Z, Y, X, scene_centroid=scene_centroid, bounds=bounds)
+        # The BEV mirror is an array flip only if the grid is symmetric about 0 on that axis.
+        self._can_flip_x = abs(self.vox.xmin + self.vox.xmax) < 1e-6
+        self._can_flip_z = abs(self.vox.zmin + self.vox.zmax) < 1e-6
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used for samples requested by a plain int index (the loader passes its own)."""
+        self.epoch = int(epoch)
+
+    # -- randomness --------------------------------------------------------------------------------
+    def _rng(self, index: int, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, index, 0xBE7])
+
+    def _choose_cams(self, rng) -> list:
+        """Camera indices, reference camera first."""
+        n = len(CAMERA_NAMES)
+        if self.is_train and self.ncams < n:
+            cams = list(rng.choice(n, self.ncams, replace=False))
+            if not self.do_shuffle_cams and self.refcam_id not in cams:
+                cams[0] = self.refcam_id
+        else:
+            # Fixed: the reference camera, then the others in CAMERA_NAMES order, first ncams.
+            cams = [self.refcam_id] + [c for c in range(n) if c != self.refcam_id]
+            return cams[: self.ncams]
+        if self.is_train and self.do_shuffle_cams:
+            ref = cams[int(rng.integers(len(cams)))]
+        else:
+            ref = self.refcam_id if self.refcam_id in cams else cams[0]
+        rest = [c for c in cams if c != ref]
+        if not self.is_train or self.ncams == n:
+            rest.sort()
+        return [int(ref)] + [int(c) for c in rest]
+
+    # -- one sample --------------------------------------------------------------------------------
+    def __getitem__(self, item):
+        if isinstance(item, tuple):
+            index, epoch = item
+        else:
+            index, epoch = item, self.epoch
+        index = int(index)
+        rec = self.records[index]
+        rng = self._rng(index, int(epoch)) if self.is_train else None
+        train_aug = self.is_train
+        cam_ids = self._choose_cams(rng) if train_aug else self._choose_cams(None)
+
+        flip_x = flip_z = False
+        if train_aug and self.rand_flip:
+            flip_x = bool(rng.random() < 0.5) and self._can_flip_x
+            flip_z = bool(rng.random() < 0.5) and self._can_flip_z
+        mirror = np.diag([-1.0 if flip_x else 1.0, 1.0, -1.0 if flip_z else 1.0, 1.0])
+
+        cams = [rec["cams"][CAMERA_NAMES[c]] for c in cam_ids]
+        global_T_cams = [c["global_T_ego"] @ c["ego_T_cam"] for c in cams]
+        ref_T_global = _rigid_inv(global_T_cams[0])
+        self._ref_time = cams[0]["timestamp"]
+        global_T_ref = global_T_cams[0] @ mirror  # M is its own inverse
+
+        images, pix_T_cams, cams_T_ref = [], [], []
+        for cam_id, cam, global_T_cam in zip(cam_ids, cams, global_T_cams):
+            img_flip = bool(train_aug and self.rand_flip and rng.random() < 0.5)
+            aug = augment.sample_image_aug(
+                rng, self.final_dim, train_aug, self.rand_crop_and_resize, img_flip
+            )
+            path = os.path.join(self.dataroot, cam["path"])
+            try:
+                img, pix_T_cam = augment.load_augmented_image(
+                    path, cam["pix_T_cam"], (cam["width"], cam["height"]), aug, self.fast_decode
+                )
+            except OSError as e:
+                raise SampleReadError(
+                    f"sample {rec['token']} ({rec['scene_name']}), {CAMERA_NAMES[cam_id]}: {e}"
+                ) from e
+            images.append(img)
+            pix_T_cams.append(pix_T_cam)
+            cams_T_ref.append(_rigid_inv(global_T_cam) @ global_T_ref)
+
+        ref_T_ego = mirror @ ref_T_global @ rec["global_T_ego_lidar"]
+        out = {
+            "images": torch.from_numpy(np.stack(images)),  # (S,3,H,W) uint8
+            "pix_T_cams": torch.from_numpy(np.stack(pix_T_cams).astype(np.float32)),  # (S,4,4)
+            "cams_T_ref": torch.from_numpy(np.stack(cams_T_ref).astype(np.float32)),  # (S,4,4)
+            "ref_T_ego": torch.from_numpy(ref_T_ego.astype(np.float32)),  # (4,4)
+            "cam_ids": torch.tensor(cam_ids, dtype=torch.int64),  # (S,)
+        }
+        out.update(self._targets(rec, ref_T_global, flip_x, flip_z, mirror))
+        if self.use_radar:
+            out.update(self._radar(rec, ref_T_global, flip_x, flip_z))
+        if self.use_lidar:
+            out.update(self._lidar(rec, ref_T_global, flip_x, flip_z))
+        out["sample_token"] = rec["token"]
+        out["scene_name"] = rec["scene_name"]
+        out["index"] = torch.tensor(index, dtype=torch.int64)
+        return out
+
+    def _targets(self, rec, ref_T_global, flip_x, flip_z, mirror) -> dict:
+        boxes = rec["boxes"]
+        keep = targets.class_mask(boxes["category"], self.classes)
+        center = boxes["center"][keep]
+        corners_g = targets.box_corners(center, boxes["wlh"][keep], boxes["rotation"][keep])
+        rot, t = ref_T_global[:3, :3], ref_T_global[:3, 3]
+        corners = corners_g @ rot.T + t  # (N,8,3) ref frame (before the mirror)
+        centers = center @ rot.T + t
+        vis = boxes["visibility"][keep]
+        seg, valid, ctr, off = targets.bev_targets(corners, centers, vis, self.vox)
+        if flip_x:  # X is the last axis of (C, Z, X)
+            seg, valid, ctr, off = (np.flip(a, axis=-1) for a in (seg, valid, ctr, off))
+            off = off * np.array([-1.0, 1.0], dtype=np.float32)[:, None, None]
+        if flip_z:
+            seg, valid, ctr, off = (np.flip(a, axis=-2) for a in (seg, valid, ctr, off))
+            off = off * np.array([1.0, -1.0], dtype=np.float32)[:, None, None]
+        corners = corners @ mirror[:3, :3]  # diagonal, so this is M applied to each point
+        # Keep the nearest MAX_BOXES boxes for drawing (the maps above use all of them).
+        order = np.argsort(np.linalg.norm(centers[:, [0, 2]], axis=1), kind="stable")[:MAX_BOXES]
+        n = len(order)
+        box_corners = np.zeros((MAX_BOXES, 8, 3), np.float32)
+        box_corners[:n] = corners[order]
+        box_vis = np.zeros(MAX_BOXES, np.int64)
+        box_vis[:n] = vis[order]
+        out = {
+            "seg_bev": torch.from_numpy(np.ascontiguousarray(seg, dtype=np.float32)),  # (1,Z,X)
+            "valid_bev": torch.from_numpy(np.ascontiguousarray(valid, dtype=np.float32)),  # (1,Z,X)
+            "center_bev": torch.from_numpy(np.ascontiguousarray(ctr, dtype=np.float32)),  # (1,Z,X)
+            "offset_bev": torch.from_numpy(np.ascontiguousarray(off, dtype=np.float32)),  # (2,Z,X)
+            "box_corners": torch.from_numpy(box_corners),  # (N,8,3)
+            "box_count": torch.tensor(n, dtype=torch.int64),
+            "box_visibility": torch.from_numpy(box_vis),  # (N,)
+        }
+        if self.get_tids:
+            inst = [tok for tok, k in zip(boxes["instance"], keep) if k]
+            tids = np.full(MAX_BOXES, -1, np.int64)
+            tids[:n] = [int(inst[i][:15], 16) for i in order]  # 60-bit id from the instance token
+            out["box_tids"] = torch.from_numpy(tids)
+        return out
+
+    def _radar(self, rec, ref_T_global, flip_x, flip_z) -> dict:
+        chans = [(c, rec["sweeps"][c]) for c in RADAR_NAMES if c in rec["sweeps"]]
+        ref_time = self._ref_time
+        try:
+            pts = points.accumulate_radar(
+                self.dataroot,
+                chans,
+                ref_T_global,
+                self.nsweeps,
+                ref_time,
+                self.use_radar_filters,
+                self.use_metaradar,
+            )
+        except OSError as e:
+            raise SampleReadError(f"sample {rec['token']} ({rec['scene_name']}), radar: {e}") from e
+        pts = points.mirror_points(pts, flip_x, flip_z, self.use_metaradar)
+        padded, n = points.pad_points(pts, RADAR_POINTS_PER_SWEEP * self.nsweeps)
+        return {"radar": torch.from_numpy(padded), "radar_count": torch.tensor(n, dtype=torch.int64)}
+
+    def _lidar(self, rec, ref_T_global, flip_x, flip_z) -> dict:
+        if "LIDAR_TOP" not in rec["sweeps"]:
+            raise SampleReadError(f"sample {rec['token']} has no LIDAR_TOP data but use_lidar=True")
+        try:
+            pts = points.accumulate_lidar(
+                self.dataroot, rec["sweeps"]["LIDAR_TOP"], ref_T_global, self.nsweeps
+            )
+        except OSError as e:
+            raise SampleReadError(f"sample {rec['token']} ({rec['scene_name']}), LIDAR_TOP: {e}") from e
+        pts = points.mirror_points(pts, flip_x, flip_z)
+        padded, n = points.pad_points(pts, LIDAR_POINTS_PER_SWEEP * self.nsweeps)
+        return {"lidar": torch.from_numpy(padded), "lidar_count": torch.tensor(n, dtype=torch.int64)}
+
+
+# -- loading -----------------------------------------------------------------------------------------
+class EpochSampler(Sampler):
+    """Yields (index, epoch) pairs for this rank.
+
+    train (shuffle): a permutation seeded by (seed, epoch), cut to a multiple of world_size and split
+    by stride, so ranks see disjoint samples of equal count. val: indices rank, rank + world_size, ...
+    with no padding, so across ranks every sample is seen exactly once (ranks may differ by one).
+    ``set_epoch(e, skip=k)`` selects the epoch and skips the first k samples of this rank's order
+    (resume mid-epoch). Without set_epoch, each new iteration advances the epoch by one.
+    """
+
+    def __init__(
+        self, n: int, shuffle: bool, is_train: bool, rank: int = 0, world_size: int = 1, seed: int = 0
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        self.n, self.shuffle, self.is_train = n, shuffle, is_train
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch = 0
+        self.skip = 0
+        self._explicit = True  # the first iteration uses epoch 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip, self._explicit = int(epoch), int(skip), True
+
+    def _order(self) -> np.ndarray:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        else:
+            order = np.arange(self.n)
+        if self.is_train:
+            usable = (self.n // self.world_size) * self.world_size
+            order = order[:usable]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self):
+        if not self._explicit:
+            self.epoch += 1
+            self.skip = 0
+        self._explicit = False
+        order = self._order()[self.skip :]
+        epoch = self.epoch
+        return iter([(int(i), epoch) for i in order])
+
+    def __len__(self) -> int:
+        return max(0, len(self._order()) - self.skip)
+
+
+def _worker_init(worker_id: int) -> None:
+    # cv2's thread count is set in the parent (make_loader): touching it here would tear down a
+    # thread pool copied by fork() from the parent, which deadlocks in pthread_cond_destroy.
+    torch.set_num_threads(1)
+    info = torch.utils.data.get_worker_info()
+    # torch seeds each worker from the loader's base seed + worker id; derive numpy's from it.
+    np.random.seed(info.seed % (2**32))
+
+
+def make_loader(
+    ds: NuScenesBEVDataset,
+    batch_size: int,
+    nworkers: int,
+    shuffle: bool,
+    is_train: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+) -> DataLoader:
+    """DataLoader over ``ds``: train drops the last partial batch, val keeps every sample once.
+
+    The sampler is ``loader.sampler`` (an ``EpochSampler``); call ``loader.sampler.set_epoch(e)``
+    at the start of each epoch (it also auto-advances). Augmentation randomness depends only on
+    (ds.seed, epoch, sample index); the loader's own generator is seeded from (seed, rank).
+    """
+    sampler = EpochSampler(len(ds), shuffle, is_train, rank, world_size, seed)
+    if nworkers > 0:
+        import cv2
+
+        # Workers are the parallelism, so cv2's own pool only oversubscribes; more importantly a
+        # live pool in the parent is copied half-owned into every forked worker, where any later
+        # pool operation can hang. With one thread cv2 keeps no pool, so fork is safe.
+        cv2.setNumThreads(1)
+    gen = torch.Generator()
+    gen.manual_seed(int(seed) * 1000 + rank)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=nworkers,
+        drop_last=is_train,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=nworkers > 0,
+        worker_init_fn=_worker_init if nworkers > 0 else None,
+        generator=gen,
+        prefetch_factor=2 if nworkers > 0 else None,
+    )
