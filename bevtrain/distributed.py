@@ -18,6 +18,8 @@ from typing import Any, List, Sequence
 import torch
 import torch.distributed as dist
 
+from bevtrain.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -40,13 +42,13 @@ def _single_device(device: str, device_ids: Sequence[int]) -> torch.device:
         if torch.cuda.is_available():
             gpu = int(device_ids[0]) if device_ids else 0
             if gpu >= torch.cuda.device_count():
-                raise ValueError(
+                raise ConfigError(
                     f"flag 'device_ids' asks for GPU {gpu} but only {torch.cuda.device_count()} visible"
                 )
             return torch.device("cuda", gpu)
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"flag 'device' is {device!r} but CUDA is not available here; use --device=cpu")
+        raise ConfigError(f"flag 'device' is {device!r} but CUDA is not available here; use --device=cpu")
     return torch.device(device)
 
 
@@ -59,7 +61,7 @@ def init_distributed(device: str = "auto", device_ids: Sequence[int] = (0,)) -> 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"flag 'device' is {device!r} but CUDA is not available here; use --device=cpu")
+        raise ConfigError(f"flag 'device' is {device!r} but CUDA is not available here; use --device=cpu")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
@@ -109,7 +111,7 @@ def all_gather_object(obj: Any) -> List[Any]:
 def per_rank_batch(batch_size: int, world_size: int) -> int:
     """``batch_size`` is the global batch per micro-step; each rank loads its share."""
     if batch_size % world_size:
-        raise ValueError(
+        raise ConfigError(
             f"flag 'batch_size'={batch_size} is the global batch per micro-step and must divide by "
             f"the number of processes ({world_size}); use a multiple of {world_size}"
         )

@@ -297,6 +297,12 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
     if not is_main:
         cfg = build.resolve_data_dir(cfg, announce=False)
     B_rank = per_rank_batch(cfg.batch_size, info.world_size)
+    if "device_ids" in flags and device.type == "cuda":
+        if info.distributed:
+            say("[bevtrain] device_ids is ignored under torchrun: rank r uses cuda:LOCAL_RANK")
+        elif len(cfg.device_ids) > 1:
+            say(f"[bevtrain] one process uses one GPU: cuda:{cfg.device_ids[0]}; for several GPUs launch "
+                f"with torchrun --nproc_per_node={len(cfg.device_ids)}")
 
     seed_everything(cfg.seed)
     if cfg.deterministic:
