@@ -186,7 +186,10 @@ class _LiftColumns(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (lift_matrix,) = ctx.saved_tensors
-        return None, grad_out.contiguous() @ lift_matrix
+        try:
+            return None, grad_out.contiguous() @ lift_matrix
+        except (RuntimeError, NotImplementedError):  # backends without dense x CSR
+            return None, _csc_matmul(lift_matrix.t(), grad_out.t().contiguous()).t()
 
 
 def lift_features(

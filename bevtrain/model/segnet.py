@@ -37,6 +37,28 @@ def _padding_mask(count: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class Segnet(nn.Module):
+    """Multi-camera BEV segmentation network.
+
+    Args:
+        Z, Y, X: voxel grid (must equal ``vox_util.grid_shape``).
+        vox_util: the grid's geometry (bounds, centroid); also voxelises radar / lidar.
+        encoder_type: one of ``ENCODER_TYPES`` (res101, res50, res18, effb0, effb4).
+        encoder_weights: 'auto' | 'imagenet' | 'none' | path to a torchvision state dict.
+        latent_dim: channels of image features, BEV features and the 'feat' output.
+        use_radar / use_metaradar / radar_feat_dim: radar occupancy (+ mean features of the
+            ``radar_feat_dim`` columns after xyz) per voxel, folded with the camera features.
+        use_lidar: lidar occupancy per voxel, folded likewise.
+        do_rgbcompress: fold Y into channels and compress (True), or average over Y (False).
+        lift_impl: 'sparse' (fast) or 'reference' (grid_sample over all voxels; for comparison).
+
+    ``forward(images, pix_T_cams, cams_T_ref, radar=None, radar_count=None, lidar=None,
+    lidar_count=None)``: images uint8 (B, S, 3, H, W) RGB; pix_T_cams (B, S, 4, 4) for the images
+    as given; cams_T_ref (B, S, 4, 4), mirrors allowed; radar (B, R, 3+F) / lidar (B, L, 4+) points
+    in the reference frame, padded, with counts (B,). Returns a dict of (B, ., Z, X) maps:
+    'seg' (1, logits), 'center' (1, logits), 'offset' (2, cells), 'feat' (latent_dim).
+    Run ``model.to(memory_format=torch.channels_last)`` for a channels-last network end to end.
+    """
+
     def __init__(
         self,
         Z: int,
