@@ -165,19 +165,21 @@ def _torchrun(tmp_path, flags, nproc):
 
 @pytest.mark.slow
 def test_two_process_gloo_ddp_matches_single_process(tmp_path, synthetic_root):
-    # deterministic data (no augmentation, fixed order) so both see the same global batches
-    flags = tiny(tmp_path, synthetic_root, batch_size=2, grad_acc=2, max_iters=3, val_freq=3, shuffle=False,
+    # Deterministic data (no augmentation, fixed order). The single process runs the same 4 samples
+    # per step as 4 micro-batches of 1 (batch 1 x grad_acc 4) that the two ranks run as 2 x 2 (global
+    # batch 2 x grad_acc 2), so BatchNorm sees one sample per forward in both and the averaged
+    # gradients are the same sums: train losses agree to float rounding. Val uses BatchNorm running
+    # statistics, which rank 0 gathers from half as many forwards, so val only agrees roughly.
+    flags = tiny(tmp_path, synthetic_root, max_iters=3, val_freq=3, shuffle=False,
                  rand_flip=False, rand_crop_and_resize=False, do_shuffle_cams=False,
                  device="cpu", save_freq=3)
-    single = main(**{**flags, "exp_name": "single"})
-    _torchrun(tmp_path, {**flags, "exp_name": "ddp"}, nproc=2)
+    single = main(**{**flags, "batch_size": 1, "grad_acc": 4, "exp_name": "single"})
+    _torchrun(tmp_path, {**flags, "batch_size": 2, "grad_acc": 2, "exp_name": "ddp"}, nproc=2)
     (ddp_dir,) = [p for p in (tmp_path / "logs").iterdir() if "_ddp_" in p.name]
     a, b = _losses(single["log_dir"]), _losses(ddp_dir)
     assert [x[:2] for x in a] == [x[:2] for x in b]
-    # BatchNorm sees a rank's share of the batch (train) and rank 0's running statistics (val), so
-    # the match is close, not exact: measured 0.15 % (train) and 1.1 % (val) after 3 steps.
     for x, y in zip(a, b):
-        assert y[2] == pytest.approx(x[2], rel=5e-3 if x[0] == "train" else 3e-2), (x, y)
+        assert y[2] == pytest.approx(x[2], rel=1e-4 if x[0] == "train" else 3e-2), (x, y)
     (ckpt_run,) = [p for p in (tmp_path / "ckpt").iterdir() if "_ddp_" in p.name]
     ckpt = load_checkpoint(list_checkpoints(ckpt_run)[-1])
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
