@@ -383,28 +383,39 @@ def _static_tables() -> Dict[str, list]:
 
 
 class _Progress:
-    """A one-line progress bar on stderr (no tqdm dependency)."""
+    """A one-line progress bar on stderr (no tqdm dependency).
+
+    On a terminal the line redraws in place; in a log file (not a tty) a full line is written every
+    10 % instead, so logs stay readable.
+    """
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.done, self.enabled = total, 0, enabled
         self.start = time.time()
+        self.tty = sys.stderr.isatty()
+        self.last_decile = -1
 
     def update(self, n: int = 1) -> None:
         self.done += n
         if not self.enabled:
             return
         frac = self.done / max(1, self.total)
+        decile = int(10 * frac)
+        if not self.tty and decile == self.last_decile:
+            return
+        self.last_decile = decile
         bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
         elapsed = time.time() - self.start
         eta = elapsed / frac - elapsed if frac > 0 else 0.0
+        start, end = ("\r", "") if self.tty else ("", "\n")
         sys.stderr.write(
-            f"\rsynthetic nuScenes [{bar}] {self.done}/{self.total} keyframes "
-            f"{elapsed:5.0f}s elapsed, ~{eta:4.0f}s left"
+            f"{start}synthetic nuScenes [{bar}] {self.done}/{self.total} keyframes "
+            f"{elapsed:5.0f}s elapsed, ~{eta:4.0f}s left{end}"
         )
         sys.stderr.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.tty:
             sys.stderr.write("\n")
 
 
