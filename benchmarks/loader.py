@@ -11,7 +11,7 @@ All three run on the same data, with the same worker count and batch size 1, in 
   poses so the devkit tables are not part of the timing.
 - ``floor``: only decoding the six JPEGs, at the reduced-decode factor the validation output allows.
 
-Usage: python benchmarks/loader.py --data_dir /tmp/bevtrain_test_synth --res_scales 1,2 --nworkers 2
+Usage: python benchmarks/loader.py [--data_dir DIR] --res_scales 1,2 --nworkers 2
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def measure(ds, nworkers: int, nsamples: int, warmup: int = 2):
         persistent_workers=False,
         sampler=[i % len(ds) for i in range(nsamples + warmup)],
         prefetch_factor=2 if nworkers else None,
-        worker_init_fn=(lambda _w: (cv2.setNumThreads(1), torch.set_num_threads(1))) if nworkers else None,
+        worker_init_fn=(lambda _w: torch.set_num_threads(1)) if nworkers else None,
     )
     it = iter(loader)
     for _ in range(warmup):
@@ -169,7 +169,7 @@ def measure(ds, nworkers: int, nsamples: int, warmup: int = 2):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data_dir", default="/tmp/bevtrain_test_synth")
+    p.add_argument("--data_dir", default="data/synthetic", help="default: the synthetic set (made if missing)")
     p.add_argument("--dset", default="mini")
     p.add_argument("--split", default="train")
     p.add_argument("--res_scales", default="1,2")
@@ -179,6 +179,13 @@ def main():
     p.add_argument("--lidar", action="store_true", help="ours also reads lidar (3 sweeps)")
     p.add_argument("--cache_dir", default=None)
     args = p.parse_args()
+    # Every variant runs single-threaded per worker; set in the parent so no forked worker inherits
+    # a live cv2 thread pool (tearing one down in a child deadlocks).
+    cv2.setNumThreads(1)
+    if args.data_dir == "data/synthetic":
+        from bevtrain.data.synthetic import ensure_synthetic
+
+        ensure_synthetic(args.data_dir)
 
     t0 = time.perf_counter()
     _, info = index.load_index(args.data_dir, args.dset, args.split, nsweeps=3, cache_dir=args.cache_dir)
