@@ -1,6 +1,6 @@
 """Loader throughput: our NuScenesBEVDataset vs a Simple-BEV-style baseline vs the JPEG decode floor.
 
-All three run on the same data, with the same worker count and batch size 1, in one process run:
+All run on the same data, with the same worker count and batch size 1, in one process run:
 
 - ``ours``: ``NuScenesBEVDataset`` in training mode (crop/resize/flip, shuffled reference camera);
   RGB only unless --radar/--lidar (then those modalities are read, as configured).
@@ -9,7 +9,10 @@ All three run on the same data, with the same worker count and batch size 1, in 
   devkit's point-cloud classes whether used or not; targets built with per-object full-grid tensors
   (its ``xyz2circles`` over Z x Y x X and per-object masks). It uses our index for file paths and
   poses so the devkit tables are not part of the timing.
-- ``floor``: only decoding the six JPEGs, at the reduced-decode factor the validation output allows.
+- ``floor``: only decoding the six JPEGs (returned to the main process, as any loader must), at the
+  reduced-decode factor the validation output allows;
+- ``floor at train decode sizes``: the same, at the factor each training draw of ``ours`` needs
+  (its random resize above 1x needs a full-resolution decode where validation gets a reduced one).
 
 Usage: python benchmarks/loader.py [--data_dir DIR] --res_scales 1,2 --nworkers 2
 """
@@ -31,22 +34,45 @@ from bevtrain.data.targets import box_corners, class_mask
 
 
 class FloorDataset(Dataset):
-    """Decode the six JPEGs (reduced when the output size allows), nothing else."""
+    """Decode the six JPEGs and hand them to the main process as one uint8 tensor, nothing else.
 
-    def __init__(self, ds: NuScenesBEVDataset):
-        self.records, self.root, self.final_dim = ds.records, ds.dataroot, ds.final_dim
+    ``train_factors``: decode at the reduction factor each camera of ``ours`` (training mode) needs
+    for its random resize (the same draws, so the same mix of reduced and full decodes); otherwise at
+    the factor the validation size allows.
+    """
+
+    def __init__(self, ds: NuScenesBEVDataset, train_factors: bool = False):
+        self.ds, self.records, self.root, self.final_dim = ds, ds.records, ds.dataroot, ds.final_dim
+        self.train_factors = train_factors
 
     def __len__(self):
         return len(self.records)
 
+    def _factors(self, i):
+        rng = self.ds._rng(i, 0)
+        self.ds._choose_cams(rng)
+        if self.ds.rand_flip:
+            rng.random(), rng.random()
+        factors = []
+        for c in CAMERA_NAMES:
+            flip = bool(self.ds.rand_flip and rng.random() < 0.5)
+            aug = augment.sample_image_aug(rng, self.final_dim, True, self.ds.rand_crop_and_resize, flip)
+            src = self.records[i]["cams"][c]
+            factors.append(augment.reduction_factor((src["width"], src["height"]), aug.resize_wh))
+        return factors
+
     def __getitem__(self, i):
         rec = self.records[i]
-        total = 0
-        for cam in CAMERA_NAMES:
-            c = rec["cams"][cam]
-            f = augment.reduction_factor((c["width"], c["height"]), self.final_dim[::-1])
-            total += augment.decode_jpeg(os.path.join(self.root, c["path"]), f).shape[0]
-        return total
+        if self.train_factors:
+            factors = self._factors(i)
+        else:
+            sizes = [(rec["cams"][c]["width"], rec["cams"][c]["height"]) for c in CAMERA_NAMES]
+            factors = [augment.reduction_factor(wh, self.final_dim[::-1]) for wh in sizes]
+        images = [
+            torch.from_numpy(augment.decode_jpeg(os.path.join(self.root, rec["cams"][c]["path"]), f))
+            for c, f in zip(CAMERA_NAMES, factors)
+        ]
+        return images
 
 
 class SimpleBEVStyleDataset(Dataset):
@@ -169,7 +195,7 @@ def measure(ds, nworkers: int, nsamples: int, warmup: int = 2):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data_dir", default="data/synthetic", help="default: the synthetic set (made if missing)")
+    p.add_argument("--data_dir", default="data/synthetic", help="default: the synthetic set, made if missing")
     p.add_argument("--dset", default="mini")
     p.add_argument("--split", default="train")
     p.add_argument("--res_scales", default="1,2")
@@ -199,6 +225,7 @@ def main():
         ours_val = NuScenesBEVDataset(args.data_dir, is_train=False, **common)
         rows = [
             ("floor (decode 6 JPEGs)", FloorDataset(ours)),
+            ("floor at train decode sizes", FloorDataset(ours, train_factors=True)),
             ("ours train", ours),
             ("ours val", ours_val),
             ("baseline (Simple-BEV style)", SimpleBEVStyleDataset(ours)),
@@ -211,10 +238,12 @@ def main():
                 f"res_scale {rs:g} {ours.final_dim}  {name:30s} {sps:7.2f} samples/s"
                 + (f"   worker RSS {rss:6.0f} MB" if args.nworkers else "")
             )
+        base, floor, floor_train = results[rows[4][0]], results[rows[0][0]], results[rows[1][0]]
         print(
-            f"res_scale {rs:g}: ours train / baseline = {results['ours train'] / results[rows[3][0]]:.2f}x, "
-            f"floor / ours train = {results[rows[0][0]] / results['ours train']:.2f}x, "
-            f"floor / ours val = {results[rows[0][0]] / results['ours val']:.2f}x"
+            f"res_scale {rs:g}: ours train / baseline = {results['ours train'] / base:.2f}x, "
+            f"floor / ours train = {floor / results['ours train']:.2f}x, "
+            f"floor at train decode sizes / ours train = {floor_train / results['ours train']:.2f}x, "
+            f"floor / ours val = {floor / results['ours val']:.2f}x"
         )
 
 
