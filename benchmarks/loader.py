@@ -58,7 +58,7 @@ class FloorDataset(Dataset):
             flip = bool(self.ds.rand_flip and rng.random() < 0.5)
             aug = augment.sample_image_aug(rng, self.final_dim, True, self.ds.rand_crop_and_resize, flip)
             src = self.records[i]["cams"][c]
-            factors.append(augment.reduction_factor((src["width"], src["height"]), aug.resize_wh))
+            factors.append(augment.decode_factor((src["width"], src["height"]), aug.resize_wh))
         return factors
 
     def __getitem__(self, i):

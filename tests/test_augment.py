@@ -121,6 +121,11 @@ def test_reduction_factor():
     assert augment.reduction_factor((1600, 900), (400, 224)) == 4
     assert augment.reduction_factor((1600, 900), (880, 492)) == 1
     assert augment.reduction_factor((1600, 900), (200, 112)) == 8
+    # training draws up to 1.2 x the validation size decode like validation and enlarge a little
+    assert augment.decode_factor((1600, 900), (960, 537)) == 2
+    assert augment.decode_factor((1600, 900), (961, 538)) == 1
+    assert augment.decode_factor((1600, 900), (480, 268)) == 4
+    assert augment.decode_factor((1600, 900), (960, 537), fast_decode=False) == 1
 
 
 def test_crop_padded_outside_is_black():

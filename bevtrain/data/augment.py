@@ -13,10 +13,11 @@ Augmentation (Simple-BEV's ``sample_augmentation``), with final_dim = (fH, fW):
   aspect (1600/900) and final_dim's (400/224) differ by 0.45 %, so sx != sy slightly; the
   intrinsics carry both scales exactly, so geometry stays exact without cropping anything away.
 
-Decode: when the resize shrinks the image by >= 2 (4, 8) on both axes, JPEG decoding itself
-downsamples by that factor (``cv2.IMREAD_REDUCED_COLOR_*``, DCT scaling: output pixel k is the
-block [f*k, f*k + f) whose centre maps exactly by the pixel-centre rule with scale 1/f), and only
-the remainder is resized.
+Decode: when the resize shrinks the image by >= 2 (4, 8) on both axes, or would after an
+enlargement by at most 1.2 (training's largest random resize; see ``decode_factor``), JPEG
+decoding itself downsamples by that factor (``cv2.IMREAD_REDUCED_COLOR_*``, DCT scaling: output
+pixel k is the block [f*k, f*k + f) whose centre maps exactly by the pixel-centre rule with scale
+1/f), and only the remainder is resized.
 """
 
 from __future__ import annotations
@@ -76,13 +77,26 @@ def sample_image_aug(
     return ImageAug((fW, fH), (0, 0), (fH, fW), flip)
 
 
-def reduction_factor(src_wh: Tuple[int, int], dst_wh: Tuple[int, int]) -> int:
-    """Largest f in {1, 2, 4, 8} with the decoded image still at least as large as dst."""
-    ratio = min(src_wh[0] / dst_wh[0], src_wh[1] / dst_wh[1])
+def reduction_factor(src_wh: Tuple[int, int], dst_wh: Tuple[int, int], max_upsample: float = 1.0) -> int:
+    """Largest f in {1, 2, 4, 8} with the decoded image, enlarged by at most ``max_upsample``,
+    still at least as large as dst."""
+    ratio = min(src_wh[0] / dst_wh[0], src_wh[1] / dst_wh[1]) * max_upsample
     for f in (8, 4, 2):
         if ratio >= f:
             return f
     return 1
+
+
+def decode_factor(src_wh: Tuple[int, int], resize_wh: Tuple[int, int], fast_decode: bool = True) -> int:
+    """The JPEG reduction factor ``load_augmented_image`` decodes at for a resize to ``resize_wh``.
+
+    Training's random resize reaches ``RESIZE_LIM[1]`` (1.2) x the validation size. Decoding those
+    draws at full resolution and shrinking by a non-integer factor < 2 with bilinear filtering costs
+    about twice the decode time and aliases; decoding at the validation factor (the DCT's own
+    low-pass) and enlarging by at most 1.2 x is faster and alias-free, at the price of no detail
+    beyond the validation resolution, which the network never sees at validation anyway.
+    """
+    return reduction_factor(src_wh, resize_wh, RESIZE_LIM[1]) if fast_decode else 1
 
 
 def decode_jpeg(path: str, factor: int = 1) -> np.ndarray:
@@ -138,7 +152,7 @@ def load_augmented_image(
     Returns (RGB uint8 (3, fH, fW), pix_T_cam (4,4) float64 for that image).
     """
     new_w, new_h = aug.resize_wh
-    f = reduction_factor(src_wh, (new_w, new_h)) if fast_decode else 1
+    f = decode_factor(src_wh, (new_w, new_h), fast_decode)
     img = decode_jpeg(path, f)
     steps = []
     if f > 1:
@@ -147,7 +161,7 @@ def load_augmented_image(
     if f == 1 and (dec_w, dec_h) != tuple(src_wh):
         raise ImageReadError(f"image {path} is {dec_w}x{dec_h}, but the dataset says {src_wh[0]}x{src_wh[1]}")
     if (dec_w, dec_h) != (new_w, new_h):
-        # After a reduced decode the remaining factor is < 2: bilinear does not alias much and is fast.
+        # The remaining shrink is in [1/1.2, 2/1.2): bilinear neither aliases much nor blurs much.
         interp = cv2.INTER_AREA if f == 1 and (new_w * 2 <= dec_w) else cv2.INTER_LINEAR
         img = cv2.resize(img, (new_w, new_h), interpolation=interp)
         steps.append(("scale", new_w / dec_w, new_h / dec_h))
