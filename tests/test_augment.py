@@ -128,11 +128,20 @@ def test_reduction_factor():
     assert augment.decode_factor((1600, 900), (960, 537), fast_decode=False) == 1
 
 
-def test_crop_padded_outside_is_black():
-    img = np.full((10, 20, 3), 7, np.uint8)
-    out = augment.crop_padded(img, -3, -2, 10, 20)
-    assert out.shape == (10, 20, 3)
-    assert (out[:2] == 0).all() and (out[:, :3] == 0).all() and (out[2:, 3:] == 7).all()
+@pytest.mark.parametrize("x0,y0", [(0, 0), (3, 2), (-3, -2), (9, 6), (-25, 0), (30, 30)])
+@pytest.mark.parametrize("flip", [False, True])
+def test_window_copy_pads_flips_and_reorders_channels(x0, y0, flip):
+    rng = np.random.default_rng(abs(x0 * 100 + y0))
+    bgr = rng.integers(1, 256, (12, 20, 3), dtype=np.uint8)
+    h, w = 10, 16
+    # reference: pad the image with black, cut the window, mirror it, BGR -> RGB, HWC -> CHW
+    padded = np.zeros((12 + 2 * 40, 20 + 2 * 40, 3), np.uint8)
+    padded[40:52, 40:60] = bgr
+    window = padded[40 + y0 : 40 + y0 + h, 40 + x0 : 40 + x0 + w]
+    expected = (window[:, ::-1] if flip else window)[:, :, ::-1].transpose(2, 0, 1)
+    out = np.full((3, h, w), 77, np.uint8)  # stale content must not survive
+    augment._write_chw(bgr, x0, y0, flip, out)
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_missing_image_error_names_path(tmp_path):

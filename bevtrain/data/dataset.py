@@ -179,28 +179,29 @@ class NuScenesBEVDataset(Dataset):
         self._ref_time = cams[0]["timestamp"]
         global_T_ref = global_T_cams[0] @ mirror  # M is its own inverse
 
-        images, pix_T_cams, cams_T_ref = [], [], []
-        for cam_id, cam, global_T_cam in zip(cam_ids, cams, global_T_cams):
+        images = np.empty((len(cam_ids), 3) + tuple(self.final_dim), np.uint8)  # (S,3,H,W)
+        pix_T_cams, cams_T_ref = [], []
+        for s, (cam_id, cam, global_T_cam) in enumerate(zip(cam_ids, cams, global_T_cams)):
             img_flip = bool(train_aug and self.rand_flip and rng.random() < 0.5)
             aug = augment.sample_image_aug(
                 rng, self.final_dim, train_aug, self.rand_crop_and_resize, img_flip
             )
             path = os.path.join(self.dataroot, cam["path"])
             try:
-                img, pix_T_cam = augment.load_augmented_image(
-                    path, cam["pix_T_cam"], (cam["width"], cam["height"]), aug, self.fast_decode
+                src_wh = (cam["width"], cam["height"])
+                _, pix_T_cam = augment.load_augmented_image(
+                    path, cam["pix_T_cam"], src_wh, aug, self.fast_decode, out=images[s]
                 )
             except OSError as e:
                 raise SampleReadError(
                     f"sample {rec['token']} ({rec['scene_name']}), {CAMERA_NAMES[cam_id]}: {e}"
                 ) from e
-            images.append(img)
             pix_T_cams.append(pix_T_cam)
             cams_T_ref.append(_rigid_inv(global_T_cam) @ global_T_ref)
 
         ref_T_ego = mirror @ ref_T_global @ rec["global_T_ego_lidar"]
         out = {
-            "images": torch.from_numpy(np.stack(images)),  # (S,3,H,W) uint8
+            "images": torch.from_numpy(images),  # (S,3,H,W) uint8
             "pix_T_cams": torch.from_numpy(np.stack(pix_T_cams).astype(np.float32)),  # (S,4,4)
             "cams_T_ref": torch.from_numpy(np.stack(cams_T_ref).astype(np.float32)),  # (S,4,4)
             "ref_T_ego": torch.from_numpy(ref_T_ego.astype(np.float32)),  # (4,4)
