@@ -179,11 +179,15 @@ def format_table(result: Dict) -> str:
     header = ["protocol", "IoU %", "inter", "union"] + [f"{b} %" for b in band_names]
     labels = {"simplebev": "Simple-BEV (vis>1)", "lss": "LSS (all boxes)"}
     rows = []
+
+    def pct(iou) -> str:  # a band with no cells of the grid in it (union 0) has no IoU
+        return "-" if iou is None or iou != iou else f"{100 * iou:.2f}"
+
     for protocol in PROTOCOLS:
         r = result[protocol]
         rows.append(
-            [labels[protocol], f"{100 * r['iou']:.2f}", str(r["intersection"]), str(r["union"])]
-            + [f"{100 * r['bands'][b]['iou']:.2f}" for b in band_names]
+            [labels[protocol], pct(r["iou"]), str(r["intersection"]), str(r["union"])]
+            + [pct(r["bands"][b]["iou"]) for b in band_names]
         )
     widths = [max(len(header[c]), *(len(row[c]) for row in rows)) for c in range(len(header))]
 
@@ -194,5 +198,5 @@ def format_table(result: Dict) -> str:
         return "  ".join(padded)
 
     out = [line(header), "  ".join("-" * w for w in widths)] + [line(row) for row in rows]
-    out.append(f"samples: {result['samples']}   threshold: sigmoid > {result['threshold']}")
+    out.append(f"samples: {result['samples']}   threshold: sigmoid > {result['threshold']}   (-: empty band)")
     return "\n".join(out)
