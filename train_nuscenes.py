@@ -29,4 +29,8 @@ def main(**flags):
 main.__doc__ = __doc__ + "\n" + flags_help()
 
 if __name__ == "__main__":
+    # fire hands --help to a **flags function as a flag; answer it here instead.
+    if any(arg in ("-h", "--help", "help") for arg in sys.argv[1:2]) or "--help" in sys.argv[1:]:
+        print(main.__doc__)
+        sys.exit(0)
     fire.Fire(main)

@@ -68,7 +68,7 @@ FLAGS: Tuple[Flag, ...] = (
     _sb("batch_size", 8, "global batch per micro-step (split across DDP ranks)"),
     _sb("grad_acc", 5, "micro-batches per optimiser step (loss divided by grad_acc)"),
     _sb("lr", 3e-4, "learning rate (OneCycleLR max_lr when use_scheduler)"),
-    _sb("use_scheduler", True, "OneCycleLR over max_iters, pct_start 0.05"),
+    _sb("use_scheduler", True, "linear OneCycleLR over max_iters + 100 steps (Simple-BEV), pct_start 0.05"),
     _sb("weight_decay", 1e-7, "AdamW weight decay"),
     _sb("nworkers", 12, "data-loader worker processes per rank (0 = load in the main process)"),
     _sb("data_dir", "data/nuscenes", "nuScenes dataroot; when the default is absent the synthetic "

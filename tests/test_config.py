@@ -97,7 +97,7 @@ def test_run_name_and_lr_format():
 
 
 def test_cli_errors_are_clear(tmp_path):
-    """The front door: an unknown flag and a missing data_dir exit with a readable message."""
+    """The front door: unknown flag and missing data_dir give readable errors; --help lists flags."""
     def run(*args):
         return subprocess.run([sys.executable, str(REPO / "train_nuscenes.py"), *args], cwd=tmp_path,
                               capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO)})
@@ -106,3 +106,5 @@ def test_cli_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "did you mean 'lr'" in r.stderr and "Traceback" not in r.stderr
     r = run("--data_dir=/nonexistent/nuscenes", "--nworkers=0")
     assert r.returncode == 2 and "/nonexistent/nuscenes does not exist" in r.stderr
+    r = run("--help")  # fire would pass it on as an unknown flag 'help'
+    assert r.returncode == 0 and "--batch_size=8" in r.stdout and "--grad_acc=5" in r.stdout
