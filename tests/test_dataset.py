@@ -220,6 +220,10 @@ def test_camera_selection(synthetic_root, cache):
         assert len(set(ids)) == 3
         refs.add(ids[0])
     assert len(refs) > 1, "do_shuffle_cams should vary the reference camera"
+    every = _ds(synthetic_root, cache, is_train=True, res_scale=0.5)  # all six cameras
+    ids = [every[i]["cam_ids"].tolist() for i in range(8)]
+    assert all(sorted(x) == list(range(6)) for x in ids)
+    assert len({x[0] for x in ids}) > 1, "do_shuffle_cams should vary the reference camera with ncams=6 too"
     fixed = _ds(synthetic_root, cache, is_train=True, ncams=3, do_shuffle_cams=False, res_scale=0.5)
     assert all(fixed[i]["cam_ids"][0] == 1 for i in range(4))
 

@@ -138,20 +138,22 @@ class NuScenesBEVDataset(Dataset):
     def _choose_cams(self, rng) -> list:
         """Camera indices, reference camera first."""
         n = len(CAMERA_NAMES)
-        if self.is_train and self.ncams < n:
+        if not self.is_train:
+            # Fixed: the reference camera, then the others in CAMERA_NAMES order, first ncams.
+            cams = [self.refcam_id] + [c for c in range(n) if c != self.refcam_id]
+            return cams[: self.ncams]
+        if self.ncams < n:
             cams = list(rng.choice(n, self.ncams, replace=False))
             if not self.do_shuffle_cams and self.refcam_id not in cams:
                 cams[0] = self.refcam_id
         else:
-            # Fixed: the reference camera, then the others in CAMERA_NAMES order, first ncams.
-            cams = [self.refcam_id] + [c for c in range(n) if c != self.refcam_id]
-            return cams[: self.ncams]
-        if self.is_train and self.do_shuffle_cams:
+            cams = list(range(n))
+        if self.do_shuffle_cams:
             ref = cams[int(rng.integers(len(cams)))]
         else:
             ref = self.refcam_id if self.refcam_id in cams else cams[0]
         rest = [c for c in cams if c != ref]
-        if not self.is_train or self.ncams == n:
+        if self.ncams == n:
             rest.sort()
         return [int(ref)] + [int(c) for c in rest]
 
