@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bevtrain.data import augment, index
 from bevtrain.data.dataset import CAMERA_NAMES, NuScenesBEVDataset
-from bevtrain.data.targets import box_corners, class_mask
+from bevtrain.data.targets import BOTTOM, box_corners, class_mask
 
 
 class FloorDataset(Dataset):
@@ -48,30 +48,18 @@ class FloorDataset(Dataset):
     def __len__(self):
         return len(self.records)
 
-    def _factors(self, i):
-        rng = self.ds._rng(i, 0)
-        self.ds._choose_cams(rng)
-        if self.ds.rand_flip:
-            rng.random(), rng.random()
-        factors = []
-        for c in CAMERA_NAMES:
-            flip = bool(self.ds.rand_flip and rng.random() < 0.5)
-            aug = augment.sample_image_aug(rng, self.final_dim, True, self.ds.rand_crop_and_resize, flip)
-            src = self.records[i]["cams"][c]
-            factors.append(augment.decode_factor((src["width"], src["height"]), aug.resize_wh))
-        return factors
-
     def __getitem__(self, i):
         rec = self.records[i]
-        if self.train_factors:
-            factors = self._factors(i)
+        if self.train_factors:  # the dataset's own draws for this sample (epoch 0, as measured)
+            draw = self.ds.draw_augmentation(i, 0)
+            jobs = [(CAMERA_NAMES[c], aug.resize_wh) for c, aug in zip(draw.cam_ids, draw.image_augs)]
         else:
-            sizes = [(rec["cams"][c]["width"], rec["cams"][c]["height"]) for c in CAMERA_NAMES]
-            factors = [augment.reduction_factor(wh, self.final_dim[::-1]) for wh in sizes]
-        images = [
-            torch.from_numpy(augment.decode_jpeg(os.path.join(self.root, rec["cams"][c]["path"]), f))
-            for c, f in zip(CAMERA_NAMES, factors)
-        ]
+            jobs = [(name, self.final_dim[::-1]) for name in CAMERA_NAMES]
+        images = []
+        for name, resize_wh in jobs:
+            cam = rec["cams"][name]
+            f = augment.decode_factor((cam["width"], cam["height"]), resize_wh, self.ds.fast_decode)
+            images.append(torch.from_numpy(augment.decode_jpeg(os.path.join(self.root, cam["path"]), f)))
         return images
 
 
@@ -118,8 +106,6 @@ class SimpleBEVStyleDataset(Dataset):
         return out
 
     def _targets(self, rec):
-        import cv2 as _cv2
-
         boxes = rec["boxes"]
         keep = class_mask(boxes["category"], ("vehicle",))
         c = rec["cams"]["CAM_FRONT"]
@@ -131,8 +117,8 @@ class SimpleBEVStyleDataset(Dataset):
         seg = np.zeros((self.Z, self.X))
         for n in range(N):
             mem = self.vox.Ref2Mem(torch.from_numpy(corners[n][None]).float())[0]
-            pts = mem[[2, 3, 7, 6]][:, [0, 2]].numpy().astype(np.int32)
-            _cv2.fillPoly(seg, [pts], n + 1.0)
+            pts = mem[BOTTOM][:, [0, 2]].numpy().astype(np.int32)
+            cv2.fillPoly(seg, [pts], n + 1.0)
         # Simple-BEV's xyz2circles: a Gaussian and offsets over the full 3D grid for every object.
         grid = self.vox.voxel_centers_ref().reshape(self.Z, self.Y, self.X, 3)
         grid = self.vox.Ref2Mem(grid.reshape(1, -1, 3)).reshape(self.Z, self.Y, self.X, 3)

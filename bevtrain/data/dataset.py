@@ -21,7 +21,9 @@ along the flipped axis). A mirror axis is only used when the grid is symmetric a
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -30,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bevtrain import geometry
 from bevtrain.data import augment, points, targets
-from bevtrain.data.index import CAMERA_NAMES, RADAR_NAMES, load_index
+from bevtrain.data.index import CAMERA_NAMES, LIDAR_NAME, RADAR_NAMES, load_index
 
 __all__ = ["NuScenesBEVDataset", "make_loader", "CAMERA_NAMES", "EpochSampler"]
 
@@ -43,12 +45,24 @@ class SampleReadError(OSError):
     pass
 
 
-def _rigid_inv(m: np.ndarray) -> np.ndarray:
-    out = np.eye(4)
-    r = m[:3, :3]
-    out[:3, :3] = r.T
-    out[:3, 3] = -r.T @ m[:3, 3]
-    return out
+@contextlib.contextmanager
+def _naming_sample(rec, what: str):
+    """Re-raise a file error as a SampleReadError naming the sample, its scene and ``what``."""
+    try:
+        yield
+    except OSError as e:
+        raise SampleReadError(f"sample {rec['token']} ({rec['scene_name']}), {what}: {e}") from e
+
+
+@dataclass
+class SampleAug:
+    """One sample's random choices: cameras (reference first), BEV mirror, per-camera image aug."""
+
+    cam_ids: list
+    flip_x: bool
+    flip_z: bool
+    image_augs: list  # augment.ImageAug per camera, in cam_ids order
+
 
 
 class NuScenesBEVDataset(Dataset):
@@ -94,7 +108,6 @@ class NuScenesBEVDataset(Dataset):
             raise ValueError("use_metaradar needs use_radar=True")
         if nsweeps < 1:
             raise ValueError(f"nsweeps={nsweeps} must be >= 1")
-        self.data_dir = str(data_dir)
         self.records, self.index_info = load_index(
             data_dir, dset, split, nsweeps=nsweeps, cache_dir=cache_dir
         )
@@ -114,7 +127,6 @@ class NuScenesBEVDataset(Dataset):
         self.use_lidar = use_lidar
         self.use_metaradar = use_metaradar
         self.get_tids = get_tids
-        self.temporal_aug = temporal_aug  # only meaningful for seqlen > 1 (as in Simple-BEV)
         self.classes = tuple(classes)
         self.seed = int(seed)
         self.fast_decode = fast_decode
@@ -157,6 +169,22 @@ class NuScenesBEVDataset(Dataset):
             rest.sort()
         return [int(ref)] + [int(c) for c in rest]
 
+    def draw_augmentation(self, index: int, epoch: int) -> SampleAug:
+        """The sample's random choices (cameras, BEV mirror, per-camera resize/crop/flip), a pure
+        function of (seed, epoch, index) in training and fixed at validation."""
+        rng = self._rng(index, epoch) if self.is_train else None
+        cam_ids = self._choose_cams(rng)
+        flip_x = flip_z = False
+        if self.is_train and self.rand_flip:
+            flip_x = bool(rng.random() < 0.5) and self._can_flip_x
+            flip_z = bool(rng.random() < 0.5) and self._can_flip_z
+        train, image_augs = self.is_train, []
+        for _ in cam_ids:
+            img_flip = bool(train and self.rand_flip and rng.random() < 0.5)
+            aug = augment.sample_image_aug(rng, self.final_dim, train, self.rand_crop_and_resize, img_flip)
+            image_augs.append(aug)
+        return SampleAug(cam_ids, flip_x, flip_z, image_augs)
+
     # -- one sample --------------------------------------------------------------------------------
     def __getitem__(self, item):
         if isinstance(item, tuple):
@@ -165,53 +193,40 @@ class NuScenesBEVDataset(Dataset):
             index, epoch = item, self.epoch
         index = int(index)
         rec = self.records[index]
-        rng = self._rng(index, int(epoch)) if self.is_train else None
-        train_aug = self.is_train
-        cam_ids = self._choose_cams(rng) if train_aug else self._choose_cams(None)
-
-        flip_x = flip_z = False
-        if train_aug and self.rand_flip:
-            flip_x = bool(rng.random() < 0.5) and self._can_flip_x
-            flip_z = bool(rng.random() < 0.5) and self._can_flip_z
+        draw = self.draw_augmentation(index, int(epoch))
+        cam_ids, flip_x, flip_z = draw.cam_ids, draw.flip_x, draw.flip_z
         mirror = np.diag([-1.0 if flip_x else 1.0, 1.0, -1.0 if flip_z else 1.0, 1.0])
 
         cams = [rec["cams"][CAMERA_NAMES[c]] for c in cam_ids]
-        global_T_cams = [c["global_T_ego"] @ c["ego_T_cam"] for c in cams]
-        ref_T_global = _rigid_inv(global_T_cams[0])
-        self._ref_time = cams[0]["timestamp"]
+        global_T_cams = np.stack([c["global_T_ego"] @ c["ego_T_cam"] for c in cams])  # (S,4,4)
+        # one matrix at a time: a batched inverse rounds differently (1e-14) from the single one
+        cams_T_global = [geometry.rigid_inverse(torch.from_numpy(m)).numpy() for m in global_T_cams]
+        ref_T_global = cams_T_global[0]
         global_T_ref = global_T_cams[0] @ mirror  # M is its own inverse
+        cams_T_ref = np.stack([cam_T_global @ global_T_ref for cam_T_global in cams_T_global])  # (S,4,4)
 
         images = np.empty((len(cam_ids), 3) + tuple(self.final_dim), np.uint8)  # (S,3,H,W)
-        pix_T_cams, cams_T_ref = [], []
-        for s, (cam_id, cam, global_T_cam) in enumerate(zip(cam_ids, cams, global_T_cams)):
-            img_flip = bool(train_aug and self.rand_flip and rng.random() < 0.5)
-            aug = augment.sample_image_aug(
-                rng, self.final_dim, train_aug, self.rand_crop_and_resize, img_flip
-            )
+        pix_T_cams = []
+        for s, (cam_id, cam, aug) in enumerate(zip(cam_ids, cams, draw.image_augs)):
             path = os.path.join(self.dataroot, cam["path"])
-            try:
+            with _naming_sample(rec, CAMERA_NAMES[cam_id]):
                 src_wh = (cam["width"], cam["height"])
                 _, pix_T_cam = augment.load_augmented_image(
                     path, cam["pix_T_cam"], src_wh, aug, self.fast_decode, out=images[s]
                 )
-            except OSError as e:
-                raise SampleReadError(
-                    f"sample {rec['token']} ({rec['scene_name']}), {CAMERA_NAMES[cam_id]}: {e}"
-                ) from e
             pix_T_cams.append(pix_T_cam)
-            cams_T_ref.append(_rigid_inv(global_T_cam) @ global_T_ref)
 
         ref_T_ego = mirror @ ref_T_global @ rec["global_T_ego_lidar"]
         out = {
             "images": torch.from_numpy(images),  # (S,3,H,W) uint8
             "pix_T_cams": torch.from_numpy(np.stack(pix_T_cams).astype(np.float32)),  # (S,4,4)
-            "cams_T_ref": torch.from_numpy(np.stack(cams_T_ref).astype(np.float32)),  # (S,4,4)
+            "cams_T_ref": torch.from_numpy(cams_T_ref.astype(np.float32)),  # (S,4,4)
             "ref_T_ego": torch.from_numpy(ref_T_ego.astype(np.float32)),  # (4,4)
             "cam_ids": torch.tensor(cam_ids, dtype=torch.int64),  # (S,)
         }
         out.update(self._targets(rec, ref_T_global, flip_x, flip_z, mirror))
         if self.use_radar:
-            out.update(self._radar(rec, ref_T_global, flip_x, flip_z))
+            out.update(self._radar(rec, ref_T_global, flip_x, flip_z, ref_time=cams[0]["timestamp"]))
         if self.use_lidar:
             out.update(self._lidar(rec, ref_T_global, flip_x, flip_z))
         out["sample_token"] = rec["token"]
@@ -259,10 +274,9 @@ class NuScenesBEVDataset(Dataset):
             out["box_tids"] = torch.from_numpy(tids)
         return out
 
-    def _radar(self, rec, ref_T_global, flip_x, flip_z) -> dict:
+    def _radar(self, rec, ref_T_global, flip_x, flip_z, ref_time) -> dict:
         chans = [(c, rec["sweeps"][c]) for c in RADAR_NAMES if c in rec["sweeps"]]
-        ref_time = self._ref_time
-        try:
+        with _naming_sample(rec, "radar"):
             pts = points.accumulate_radar(
                 self.dataroot,
                 chans,
@@ -272,21 +286,16 @@ class NuScenesBEVDataset(Dataset):
                 self.use_radar_filters,
                 self.use_metaradar,
             )
-        except OSError as e:
-            raise SampleReadError(f"sample {rec['token']} ({rec['scene_name']}), radar: {e}") from e
         pts = points.mirror_points(pts, flip_x, flip_z, self.use_metaradar)
         padded, n = points.pad_points(pts, RADAR_POINTS_PER_SWEEP * self.nsweeps)
         return {"radar": torch.from_numpy(padded), "radar_count": torch.tensor(n, dtype=torch.int64)}
 
     def _lidar(self, rec, ref_T_global, flip_x, flip_z) -> dict:
-        if "LIDAR_TOP" not in rec["sweeps"]:
-            raise SampleReadError(f"sample {rec['token']} has no LIDAR_TOP data but use_lidar=True")
-        try:
-            pts = points.accumulate_lidar(
-                self.dataroot, rec["sweeps"]["LIDAR_TOP"], ref_T_global, self.nsweeps
-            )
-        except OSError as e:
-            raise SampleReadError(f"sample {rec['token']} ({rec['scene_name']}), LIDAR_TOP: {e}") from e
+        if LIDAR_NAME not in rec["sweeps"]:
+            raise SampleReadError(f"sample {rec['token']} has no {LIDAR_NAME} data but use_lidar=True")
+        with _naming_sample(rec, LIDAR_NAME):
+            sweeps = rec["sweeps"][LIDAR_NAME]
+            pts = points.accumulate_lidar(self.dataroot, sweeps, ref_T_global, self.nsweeps)
         pts = points.mirror_points(pts, flip_x, flip_z)
         padded, n = points.pad_points(pts, LIDAR_POINTS_PER_SWEEP * self.nsweeps)
         return {"lidar": torch.from_numpy(padded), "lidar_count": torch.tensor(n, dtype=torch.int64)}
