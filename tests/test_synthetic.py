@@ -251,7 +251,8 @@ def test_devkit_projection_lands_on_the_object_colour(nusc, synthetic_root):
                 u, v = view_points((point + offset * along)[:, None], k, normalize=True)[:2, 0]
                 if not (4 <= u < img.shape[1] - 4 and 4 <= v < img.shape[0] - 4):
                     continue
-                patch = img[int(v) - 1 : int(v) + 2, int(u) - 1 : int(u) + 2, ::-1].reshape(-1, 3)
+                r, c = int(round(v)), int(round(u))  # the pixel whose centre is nearest
+                patch = img[r - 1 : r + 2, c - 1 : c + 2, ::-1].reshape(-1, 3)
                 checked += 1
                 matched += int(np.abs(np.median(patch, axis=0) - expected).max() <= 24)
     assert checked >= 60
@@ -390,3 +391,24 @@ def test_ensure_synthetic_reuses_and_recovers(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError):
         generate(other, **TINY)
     assert (other / "notes.txt").read_text() == "mine" and (other / "samples").is_dir()
+
+
+def test_pixel_rays_and_scaled_rigs_keep_pixel_centres_at_integers():
+    """The renderer and the calibration follow the convention the rest of bevtrain assumes:
+    pixel j's ray projects to u = j, and a rig made for another image size has the intrinsics that
+    geometry.scale_intrinsics gives for that resize."""
+    import torch
+
+    from bevtrain.data.synthetic.world import scene_rigs
+    from bevtrain.geometry import scale_intrinsics
+
+    full, half = scene_rigs(1600, 900), scene_rigs(800, 450)
+    for ch, rig in full.items():
+        if rig["K"] is None:
+            continue
+        k = torch.from_numpy(np.pad(rig["K"], ((0, 1), (0, 1))))
+        np.testing.assert_allclose(half[ch]["K"], scale_intrinsics(k, 0.5, 0.5)[:3, :3].numpy(), atol=1e-9)
+        cam = synthetic_render.Camera(rig["R"], rig["t"], rig["K"], 1600, 900)
+        K = rig["K"]
+        np.testing.assert_allclose(K[0, 0] * cam.a + K[0, 2], np.arange(1600), atol=1e-3)
+        np.testing.assert_allclose(K[1, 1] * cam.b + K[1, 2], np.arange(900), atol=1e-3)

@@ -158,14 +158,16 @@ class Camera:
         self.R, self.t, self.K = R, t, K
         self.W, self.H = width, height
         fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
-        self.a = ((np.arange(width) + 0.5 - cx) / fx).astype(np.float32)  # (W,) x/z of each column
-        self.b = ((np.arange(height) + 0.5 - cy) / fy).astype(np.float32)  # (H,) y/z of each row
+        # Pixel centres sit at integer coordinates (OpenCV's and nuScenes' calibration convention, and
+        # the one bevtrain's augmentation and lifting use): pixel j's ray goes through u = j.
+        self.a = ((np.arange(width) - cx) / fx).astype(np.float32)  # (W,) x/z of each column
+        self.b = ((np.arange(height) - cy) / fy).astype(np.float32)  # (H,) y/z of each row
         self.cam_R_ego = R.T
         self.depth0 = self._ground_depth(self.a, self.b).astype(np.float32)  # (H, W), inf above the horizon
         # Half-resolution background: block centres of 2x2 pixel blocks.
         hw, hh = (width + 1) // 2, (height + 1) // 2
-        ha = ((2 * np.arange(hw) + 1.0 - cx) / fx).astype(np.float32)
-        hb = ((2 * np.arange(hh) + 1.0 - cy) / fy).astype(np.float32)
+        ha = ((2 * np.arange(hw) + 0.5 - cx) / fx).astype(np.float32)
+        hb = ((2 * np.arange(hh) + 0.5 - cy) / fy).astype(np.float32)
         depth = self._ground_depth(ha, hb)
         ground = depth < 2000.0
         rows = np.flatnonzero(ground.any(axis=1))
@@ -296,8 +298,8 @@ class Camera:
                         f = (NEAR - z[i]) / (z[j] - z[i])
                         pts.append((cam[i] + f * (cam[j] - cam[i]))[None])
         p = np.concatenate(pts)
-        u = self.K[0, 0] * p[:, 0] / p[:, 2] + self.K[0, 2] - 0.5  # pixel-centre coordinates
-        v = self.K[1, 1] * p[:, 1] / p[:, 2] + self.K[1, 2] - 0.5
+        u = self.K[0, 0] * p[:, 0] / p[:, 2] + self.K[0, 2]  # pixel-centre coordinates
+        v = self.K[1, 1] * p[:, 1] / p[:, 2] + self.K[1, 2]
         u0, u1 = max(0, int(math.floor(u.min())) - 1), min(self.W, int(math.ceil(u.max())) + 2)
         v0, v1 = max(0, int(math.floor(v.min())) - 1), min(self.H, int(math.ceil(v.max())) + 2)
         if u0 >= u1 or v0 >= v1:

@@ -953,7 +953,9 @@ def scene_rigs(width: int, height: int) -> Dict[str, dict]:
     rigs = {}
     sx, sy = width / 1600.0, height / 900.0
     for ch, (t, yaw, f, cx, cy) in CAMERA_RIG.items():
-        k = np.array([[f * sx, 0.0, cx * sx], [0.0, f * sy, cy * sy], [0.0, 0.0, 1.0]])
+        # a resize keeps pixel centres (at integers) exact: u -> sx * (u + 0.5) - 0.5
+        cx, cy = (cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5
+        k = np.array([[f * sx, 0.0, cx], [0.0, f * sy, cy], [0.0, 0.0, 1.0]])
         rigs[ch] = dict(R=camera_rotation(yaw), t=np.array(t, dtype=np.float64), K=k, modality="camera")
     rigs[LIDAR] = dict(
         R=yaw_matrix(math.radians(LIDAR_RIG[1])), t=np.array(LIDAR_RIG[0]), K=None, modality="lidar"
