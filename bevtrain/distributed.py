@@ -85,11 +85,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place reduction across ranks (no-op in one process), for tensors on any device: NCCL
+    reduces CUDA tensors only and gloo CPU ones, so the tensor travels to the backend's device."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    want_cuda = dist.get_backend() == "nccl"
+    if t.is_cuda == want_cuda:
+        dist.all_reduce(t, op=op)
+    else:
+        moved = t.to(torch.device("cuda", torch.cuda.current_device()) if want_cuda else "cpu")
+        dist.all_reduce(moved, op=op)
+        t.copy_(moved)
+    return t
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """In-place sum across ranks (no-op in one process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    return all_reduce_(t, dist.ReduceOp.SUM)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -43,7 +43,14 @@ from bevtrain.checkpoint import (
     load_weights,
 )
 from bevtrain.config import FLAG_BY_NAME, Config, ConfigError, resolve_config, suggest
-from bevtrain.distributed import all_gather_object, all_reduce_sum, barrier, cleanup, init_distributed
+from bevtrain.distributed import (
+    all_gather_object,
+    all_reduce_,
+    all_reduce_sum,
+    barrier,
+    cleanup,
+    init_distributed,
+)
 from bevtrain.metrics import PROTOCOLS, BevIoUEvaluator, format_table
 
 # Settings that shape the network's weights: a checkpoint only loads into a model built with these.
@@ -365,11 +372,7 @@ def run_split(
 
     # Every sample exactly once across ranks, or the numbers are not the split's.
     all_reduce_sum(counted)
-    timing = torch.tensor([wall, forward_s], dtype=torch.float64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = timing.to(device if torch.distributed.get_backend() == "nccl" else "cpu")
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        timing = t.cpu()
+    timing = all_reduce_(torch.tensor([wall, forward_s], dtype=torch.float64), torch.distributed.ReduceOp.MAX)
     if not torch.equal(counted, want):
         missing = int(((want > 0) & (counted == 0)).sum())
         twice = int((counted > 1).sum())

@@ -22,6 +22,8 @@ from typing import Dict, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from bevtrain.distributed import all_reduce_sum
+
 PROTOCOLS = ("simplebev", "lss")
 DEFAULT_BANDS: Tuple[Tuple[float, float], ...] = ((0.0, 20.0), (20.0, 35.0), (35.0, 50.0))
 
@@ -144,13 +146,7 @@ class BevIoUEvaluator:
         else:
             counts, samples = self._counts.clone(), self._samples.clone()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # NCCL reduces CUDA tensors only; gloo takes CPU ones.
-            device = (
-                torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            )
-            packed = torch.cat([counts.flatten(), samples.view(1)]).to(device)
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-            packed = packed.cpu()
+            packed = all_reduce_sum(torch.cat([counts.flatten(), samples.view(1)]).cpu())
             counts, samples = packed[:-1].view_as(counts), packed[-1]
         return counts.cpu(), int(samples)
 
