@@ -12,7 +12,7 @@ A run folder's ``config.yaml`` is such a resolved config: ``Config(yaml.safe_loa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Collection, Dict, Mapping
 
 import torch
 
@@ -109,3 +109,32 @@ def build_loader(cfg: Mapping[str, Any], ds, is_train: bool, batch_size: int, ra
 
     return make_loader(ds, batch_size, cfg["nworkers"], cfg["shuffle"], is_train,
                        rank=rank, world_size=world_size, seed=cfg["seed"])
+
+
+# -- running the model on a batch (shared by training and evaluation) -------------------------------
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """None = fp32. 'auto': bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def to_device(
+    batch: Mapping[str, Any], device: torch.device, keys: Collection[str] | None = None
+) -> Dict[str, Any]:
+    """The batch with its tensors (only those named in ``keys``, if given) moved to ``device``."""
+    return {
+        k: (v.to(device, non_blocking=True) if torch.is_tensor(v) and (keys is None or k in keys) else v)
+        for k, v in batch.items()
+    }
+
+
+def forward(model: torch.nn.Module, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """Run the model on a batch (batch contract of README.md); radar/lidar only when present."""
+    return model(
+        batch["images"], batch["pix_T_cams"], batch["cams_T_ref"],
+        radar=batch.get("radar"), radar_count=batch.get("radar_count"),
+        lidar=batch.get("lidar"), lidar_count=batch.get("lidar_count"),
+    )

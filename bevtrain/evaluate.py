@@ -34,7 +34,15 @@ import torch
 import yaml
 
 from bevtrain import viz
-from bevtrain.build import build_dataset, build_model, build_vox_util, resolve_data_dir
+from bevtrain.build import (
+    amp_dtype,
+    build_dataset,
+    build_model,
+    build_vox_util,
+    forward,
+    resolve_data_dir,
+    to_device,
+)
 from bevtrain.checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -234,33 +242,11 @@ class Progress:
 
 
 def autocast_for(amp: str, device: torch.device):
-    """Autocast context for --amp (auto = bf16 on CUDA, fp32 elsewhere)."""
-    if amp == "auto":
-        cuda = device.type == "cuda"
-        amp = "none" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if amp == "none":
+    """Autocast context for --amp and the precision's name (auto = bf16 on CUDA, fp32 elsewhere)."""
+    dtype = amp_dtype(amp, device)
+    if dtype is None:
         return nullcontext(), "fp32"
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype), amp
-
-
-def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    return {
-        k: (v.to(device, non_blocking=True) if torch.is_tensor(v) and k in BATCH_KEYS_ON_DEVICE else v)
-        for k, v in batch.items()
-    }
-
-
-def forward(model: torch.nn.Module, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    return model(
-        batch["images"],
-        batch["pix_T_cams"],
-        batch["cams_T_ref"],
-        radar=batch.get("radar"),
-        radar_count=batch.get("radar_count"),
-        lidar=batch.get("lidar"),
-        lidar_count=batch.get("lidar_count"),
-    )
+    return torch.autocast(device_type=device.type, dtype=dtype), "bf16" if dtype == torch.bfloat16 else "fp16"
 
 
 def viz_indices(n: int, viz_every: int, max_viz: int) -> List[int]:
@@ -349,7 +335,7 @@ def run_split(
                 keep[b] = bool(seen[idx] == 0)
                 seen[idx] += 1
             counted[index[keep]] += 1
-            on_dev = _to_device(batch, device)
+            on_dev = to_device(batch, device, BATCH_KEYS_ON_DEVICE)
             tf = time.perf_counter()
             seg = predict(on_dev)  # (B, 1, Z, X) logits
             if device.type == "cuda":

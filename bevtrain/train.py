@@ -9,7 +9,6 @@ optimiser steps of ``grad_acc`` micro-batches each. Rank 0 writes TensorBoard ev
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import random
@@ -28,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bevtrain
 from bevtrain import build
+from bevtrain.build import amp_dtype, forward, to_device
 from bevtrain.checkpoint import (
     CheckpointManager,
     capture_rng,
@@ -49,6 +49,7 @@ from bevtrain.distributed import (
     init_distributed,
     per_rank_batch,
 )
+from bevtrain.losses import compute_losses
 from bevtrain.metrics import BevIoUEvaluator
 
 
@@ -80,41 +81,6 @@ def code_version() -> str:
     return version
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """None = fp32. 'auto': bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU."""
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-
-
-def to_device(batch: Mapping[str, Any], device: torch.device) -> Dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def forward(model: torch.nn.Module, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    """Run the model on a batch (batch contract of README.md); radar/lidar only when present."""
-    return model(
-        batch["images"], batch["pix_T_cams"], batch["cams_T_ref"],
-        radar=batch.get("radar"), radar_count=batch.get("radar_count"),
-        lidar=batch.get("lidar"), lidar_count=batch.get("lidar_count"),
-    )
-
-
-def _fp32(out: Mapping[str, Any]) -> Dict[str, Any]:
-    return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in out.items()}
-
-
-def losses_fp32(out, batch, model):
-    """Losses in fp32 even under autocast."""
-    from bevtrain.losses import compute_losses
-
-    device_type = out["seg"].device.type
-    with torch.autocast(device_type=device_type, enabled=False):
-        return compute_losses(_fp32(out), batch, model)
-
-
 LOSS_OUTPUTS = ("seg", "center", "offset")
 
 
@@ -128,19 +94,11 @@ def unused_outputs_term(out: Mapping[str, Any]) -> torch.Tensor:
 
 def log_bev_images(writer, tag: str, batch: Mapping[str, Any], out: Mapping[str, Any], step: int,
                    vox_util) -> None:
-    """The composite of bevtrain.viz (cameras, GT, prediction) for the batch's first sample;
-    plain GT / prediction maps where no composite can be drawn."""
-    try:
-        from bevtrain.viz import render_composite
+    """The composite of bevtrain.viz (cameras, GT, prediction) for the batch's first sample."""
+    from bevtrain.viz import render_composite
 
-        image = render_composite(batch, out, 0, vox_util, cell_width=200)
-        writer.add_image(f"{tag}/composite", image, step, dataformats="HWC")
-    except ImportError:
-        def forward_up(x):  # (1, Z, X) -> image with forward (+z) up
-            return torch.flip(x.detach().float().clamp(0, 1), dims=[-2]).cpu()
-
-        writer.add_image(f"{tag}/seg_gt", forward_up(batch["seg_bev"][0]), step)
-        writer.add_image(f"{tag}/seg_pred", forward_up(torch.sigmoid(out["seg"][0].float())), step)
+    image = render_composite(batch, out, 0, vox_util, cell_width=200)
+    writer.add_image(f"{tag}/composite", image, step, dataformats="HWC")
 
 
 def format_duration(seconds: float) -> str:
@@ -154,8 +112,7 @@ class LoaderCursor:
     """Endless batches from a DataLoader with its position (epoch, batches consumed this epoch).
 
     A resumed cursor skips exactly the consumed batches without loading them: the epoch's order
-    comes from a sampler seeded by epoch (``set_epoch``); samplers whose ``set_epoch`` takes
-    ``skip`` (bevtrain's EpochSampler) skip in place, others through a one-off batch list.
+    comes from the loader's EpochSampler, seeded by epoch, which skips them in place.
     Iterators open eagerly, so anything a DataLoader draws when it starts is drawn before a resume
     restores the RNG states.
     """
@@ -170,36 +127,13 @@ class LoaderCursor:
             )
         self._it = self._open()
 
-    def _set_epoch(self, skip_samples: int = 0) -> bool:
-        """Select the epoch on the sampler; True when it also skipped ``skip_samples`` itself."""
-        for obj in (getattr(self.loader, "sampler", None), getattr(self.loader, "batch_sampler", None)):
-            if hasattr(obj, "set_epoch"):
-                if skip_samples and "skip" in inspect.signature(obj.set_epoch).parameters:
-                    obj.set_epoch(self.epoch, skip=skip_samples)
-                    return True
-                obj.set_epoch(self.epoch)
-                return False
-        return False
-
     def _open(self):
+        sampler = self.loader.sampler  # an EpochSampler (data.dataset.make_loader)
         if self.consumed >= self.epoch_batches:
-            self._set_epoch()
+            sampler.set_epoch(self.epoch)
             return iter(())  # the epoch was used up: roll over on the next call, as the run did
-        if self.consumed == 0:
-            self._set_epoch()
-            return iter(self.loader)
-        if self._set_epoch(skip_samples=self.consumed * self.loader.batch_size):
-            return iter(self.loader)
-        loader = self.loader
-        remaining = list(loader.batch_sampler)[self.consumed:]
-        skipping = torch.utils.data.DataLoader(
-            loader.dataset, batch_sampler=remaining, num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
-            worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
-            generator=loader.generator, persistent_workers=False,
-            **({"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}),
-        )
-        return iter(skipping)
+        sampler.set_epoch(self.epoch, skip=self.consumed * self.loader.batch_size)
+        return iter(self.loader)
 
     def next(self):
         try:
@@ -460,7 +394,7 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
                 batch = to_device(val_cursor.next(), device)
                 with autocast():
                     out = forward(raw_model, batch)
-                loss, parts = losses_fp32(out, batch, raw_model)
+                loss, parts = compute_losses(out, batch, raw_model)
                 for k, v in {"loss": loss, **parts}.items():
                     sums[k] = sums.get(k, 0) + v.detach().float()
                 iou.update(out["seg"], batch["seg_bev"], batch["valid_bev"])
@@ -505,7 +439,7 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
                 with sync:
                     with autocast():
                         out = forward(model, batch)
-                    loss, parts = losses_fp32(out, batch, raw_model)
+                    loss, parts = compute_losses(out, batch, raw_model)
                     if info.distributed and not cfg.find_unused_parameters:
                         loss = loss + unused_outputs_term(out)
                     scaler.scale(loss / cfg.grad_acc).backward()

@@ -96,7 +96,7 @@ def test_resume_continues_the_same_run(tmp_path, synthetic_root, nworkers):
 
 
 def test_nonfinite_loss_skips_steps_then_stops_with_checkpoint(tmp_path, synthetic_root, monkeypatch):
-    real = train_mod.losses_fp32
+    real = train_mod.compute_losses
     calls = {"n": 0}
 
     def nan_after_first_step(out, batch, model):
@@ -104,7 +104,7 @@ def test_nonfinite_loss_skips_steps_then_stops_with_checkpoint(tmp_path, synthet
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] > 2 else loss), parts  # step 1 fine, then NaN
 
-    monkeypatch.setattr(train_mod, "losses_fp32", nan_after_first_step)
+    monkeypatch.setattr(train_mod, "compute_losses", nan_after_first_step)
     flags = tiny(tmp_path, synthetic_root, max_iters=10, max_nonfinite=3, do_val=False, save_freq=100)
     with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row at step 4"):
         main(**flags)
