@@ -187,7 +187,7 @@ def eval_config(trained: Mapping[str, Any], overrides: Mapping[str, Any]) -> Tup
         note = f"{k}: {before!r} -> {cfg[k]!r} (command line)"
         if k in MODEL_KEYS:
             note += "  [changes the network: the checkpoint may not load]"
-        elif k in DATA_KEYS and before != cfg[k]:
+        elif k in DATA_KEYS:
             note += "  [differs from training: numbers not comparable to the run's own]"
         notes.append(note)
     return cfg, notes
@@ -286,7 +286,7 @@ def write_scene_gifs(pngs: Sequence[Path], fps: float = 2.0, scale: float = 0.5)
     return gifs
 
 
-def _model_predictor(model: torch.nn.Module, autocast, device: torch.device):
+def _model_predictor(model: torch.nn.Module, autocast):
     def predict(batch: Mapping[str, Any]) -> torch.Tensor:
         with autocast:
             return forward(model, batch)["seg"].float()
@@ -424,6 +424,8 @@ def evaluate(
     ckpt_file = find_checkpoint(init_dir, load_step)
     ckpt = load_checkpoint(ckpt_file, map_location="cpu")
     trained, config_source = saved_config(ckpt, ckpt_file)
+    # Only the weights and the step are needed: let the optimiser state (~2x the weights) go now.
+    ckpt = {k: ckpt[k] for k in ("model", "step") if k in ckpt}
     cfg, notes = eval_config(trained, overrides)
     try:
         info = init_distributed(cfg.device, cfg.device_ids)
@@ -505,7 +507,6 @@ def _evaluate(
     cfg = resolve_data_dir(cfg, announce=info.is_main)
     check_val_split(cfg)
     model = _build_model_from_checkpoint(cfg, ckpt, ckpt_file, trained).to(device).eval()
-    del ckpt
     try:
         ds = build_dataset(cfg, split=split, is_train=False)
     except (ValueError, KeyError, FileNotFoundError) as e:
@@ -551,7 +552,7 @@ def _evaluate(
         f"{info.world_size} process(es), batch {per_rank}/process, device {device}, {precision}"
     )
 
-    predict = _model_predictor(model, autocast, device)
+    predict = _model_predictor(model, autocast)
     run = run_split(
         loader,
         predict,

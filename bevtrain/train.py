@@ -208,8 +208,7 @@ def _resume_config(cfg: Config, flags: Mapping[str, Any], is_main: bool):
     # per-launch flags are not inherited from the interrupted launch
     base = {k: v for k, v in (ckpt.get("config") or {}).items() if k not in ("stop_at", "resume", "config")}
     new_cfg, _ = resolve_config(flags, base=base)
-    changed = {k: (base.get(k), new_cfg[k]) for k in new_cfg if k in base and base[k] != new_cfg[k]
-               and k not in ("resume", "config")}
+    changed = {k: (base[k], new_cfg[k]) for k in new_cfg if k in base and base[k] != new_cfg[k]}
     if is_main:
         print(f"[bevtrain] resuming {ckpt.get('run_name')} from {path} (step {ckpt['step']})", flush=True)
         for k, (old, new) in changed.items():
