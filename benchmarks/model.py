@@ -35,13 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bevtrain.geometry import Vox_util, pad_intrinsics, rigid_inverse  # noqa: E402
 from bevtrain.losses import compute_losses  # noqa: E402
 from bevtrain.model import Segnet  # noqa: E402
+from bevtrain.model.segnet import LIFTS  # noqa: E402
 
 SETTINGS = {
     "paper": dict(encoder_type="res101", H=448, W=800),
     "cpu": dict(encoder_type="res18", H=112, W=200),
 }
 MODES = ("fp32", "bf16", "channels_last", "bf16_channels_last")
-LIFTS = ("sparse", "reference")
 # nuScenes camera yaws (degrees, left positive) in the dataset's camera order; CAM_FRONT is ref.
 CAMERA_YAWS = (55.0, 0.0, -55.0, 110.0, 180.0, -110.0)
 

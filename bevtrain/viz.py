@@ -26,9 +26,10 @@ import cv2
 import numpy as np
 import torch
 
+from bevtrain.data.index import CAMERA_NAMES
 from bevtrain.geometry import apply_4x4, project_to_pixels, scale_intrinsics
 
-CAM_NAMES = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")
+CAM_NAMES = tuple(CAMERA_NAMES)  # cam_ids in a batch index this list
 # (row, col) of each camera in the rig layout: front row on top, seen as if standing in the car.
 RIG_LAYOUT = {name: divmod(k, 3) for k, name in enumerate(CAM_NAMES)}
 

@@ -25,7 +25,6 @@ import torchvision
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-STRIDE = 8  # output stride of every encoder
 
 
 class UpsamplingConcat(nn.Module):
