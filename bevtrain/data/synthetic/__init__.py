@@ -457,7 +457,6 @@ def generate(
     bar = _Progress(len(jobs) * params["keyframes"], progress)
     results = []
     if n_workers <= 1:
-        global _progress_queue
         for job in jobs:
             results.append(_render_scene(job))
             bar.update(params["keyframes"])

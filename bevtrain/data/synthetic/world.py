@@ -499,15 +499,11 @@ class Scene:
         self._t_grid = np.arange(-2.0, t_end + 0.005, 0.01)
         v = np.interp(self._t_grid, knots_t, knots_v)
         s = np.concatenate([[0.0], np.cumsum(0.5 * (v[1:] + v[:-1]) * 0.01)])
-        self._v_grid = v
         self._s_grid = s - np.interp(0.0, self._t_grid, s)  # s = 0 at keyframe 0
         self.style = str(style)
 
     def ego_s(self, t):
         return np.interp(t, self._t_grid, self._s_grid)
-
-    def ego_speed(self, t):
-        return np.interp(t, self._t_grid, self._v_grid)
 
     # ---- roads ---------------------------------------------------------------------------
     def _make_roads(self, rng):
