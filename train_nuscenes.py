@@ -17,11 +17,12 @@ from bevtrain.config import ConfigError, flags_help
 
 def main(**flags):
     from bevtrain.checkpoint import CheckpointError
+    from bevtrain.model.encoders import WeightsUnavailableError
     from bevtrain.train import main as train_main
 
     try:
         train_main(**flags)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, WeightsUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -104,7 +104,7 @@ def test_cli_errors_are_clear(tmp_path):
 
     r = run("--lrr=1e-3")
     assert r.returncode == 2 and "did you mean 'lr'" in r.stderr and "Traceback" not in r.stderr
-    r = run("--data_dir=/nonexistent/nuscenes", "--nworkers=0")
+    r = run("--data_dir=/nonexistent/nuscenes", "--nworkers=0", "--encoder_weights=none")
     assert r.returncode == 2 and "/nonexistent/nuscenes does not exist" in r.stderr
     r = run("--help")  # fire would pass it on as an unknown flag 'help'
     assert r.returncode == 0 and "--batch_size=8" in r.stdout and "--grad_acc=5" in r.stdout

@@ -4,18 +4,25 @@ As in Simple-BEV: a ResNet up to layer3 (stride 16), upsampled and concatenated 
 (stride 8), two 3x3 convs, then a 1x1 conv to ``latent_dim``; EfficientNets likewise from their
 stride-16 and stride-8 stages.
 
-Weights never download. ``encoder_weights``:
-- ``'auto'``: ImageNet weights if torchvision's checkpoint file is already in the torch hub
-  cache, else random init with one warning saying where to put the file;
-- ``'imagenet'``: ImageNet weights, error if the file is not cached;
-- ``'none'``: random init;
+``encoder_weights``:
+- ``'imagenet'`` (the default): torchvision's ImageNet weights (``IMAGENET1K_V1``, what
+  Simple-BEV's ``resnet101(pretrained=True)`` loaded), through torchvision's own mechanism: the
+  torch hub cache (``$TORCH_HOME/hub/checkpoints``, or ``torch.hub.set_dir``), downloaded there
+  with a progress bar when missing. When the file is neither cached nor downloadable,
+  ``WeightsUnavailableError`` names the URL and the cache path; training checks this before it
+  touches any data (``ensure_backbone_weights``), so a run never trains from random weights by
+  accident;
+- ``'none'``: random init (quickstart, tests; evaluation, whose weights come from a checkpoint);
 - a path: a torchvision state dict of the backbone (e.g. the file torchvision would download).
+``'auto'`` (pretrained only if already cached, silently random otherwise) was removed: it is
+refused with a message saying what to use instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import warnings
+import socket
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
@@ -47,56 +54,101 @@ class UpsamplingConcat(nn.Module):
         return self.conv(torch.cat([fine, up], dim=1))
 
 
-# name -> (torchvision builder, weights enum attribute, cached-file candidates in preference order)
-_BACKBONES: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
-    "res18": ("resnet18", "ResNet18_Weights", ("IMAGENET1K_V1",)),
-    "res50": ("resnet50", "ResNet50_Weights", ("IMAGENET1K_V1", "IMAGENET1K_V2")),
-    "res101": ("resnet101", "ResNet101_Weights", ("IMAGENET1K_V1", "IMAGENET1K_V2")),
-    "effb0": ("efficientnet_b0", "EfficientNet_B0_Weights", ("IMAGENET1K_V1",)),
-    "effb4": ("efficientnet_b4", "EfficientNet_B4_Weights", ("IMAGENET1K_V1",)),
+# name -> (torchvision builder, weights enum attribute). ImageNet weights are IMAGENET1K_V1, the
+# ones torchvision's old ``pretrained=True`` (Simple-BEV) gave.
+_BACKBONES: Dict[str, Tuple[str, str]] = {
+    "res18": ("resnet18", "ResNet18_Weights"),
+    "res50": ("resnet50", "ResNet50_Weights"),
+    "res101": ("resnet101", "ResNet101_Weights"),
+    "effb0": ("efficientnet_b0", "EfficientNet_B0_Weights"),
+    "effb4": ("efficientnet_b4", "EfficientNet_B4_Weights"),
 }
 ENCODER_TYPES = tuple(_BACKBONES)
+REMOVED_AUTO = (
+    "encoder_weights='auto' was removed (it trained from random weights without a word when the "
+    "ImageNet file was not cached). Use 'imagenet' (the default: torch hub cache, downloaded when "
+    "missing), 'none' (random init) or a path to a state dict"
+)
+DOWNLOAD_TIMEOUT_S = 60.0  # per socket operation: a stalled connection fails instead of hanging
 
 
-def _hub_checkpoint_path(weights) -> Path:
-    """Where torchvision would store ``weights`` when downloading (the torch hub checkpoint dir)."""
+class WeightsUnavailableError(FileNotFoundError):
+    """ImageNet weights neither in the torch hub cache nor downloadable; the message says what to do."""
+
+
+def imagenet_weights(encoder_type: str):
+    """torchvision's weights entry (url, transforms, ...) for ``encoder_type``'s ImageNet weights."""
+    _, enum_name = _BACKBONES[encoder_type]
+    return getattr(torchvision.models, enum_name).IMAGENET1K_V1
+
+
+def hub_checkpoint_path(weights) -> Path:
+    """Where torchvision keeps ``weights`` (the torch hub checkpoint dir + the URL's file name)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
-def resolve_backbone_weights(encoder_type: str, encoder_weights: str) -> Path | None:
-    """The state-dict file to load for ``encoder_weights``, or None for random init."""
-    builder, enum_name, candidates = _BACKBONES[encoder_type]
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _check_weights_choice(encoder_type: str, encoder_weights: str) -> None:
+    if encoder_type not in _BACKBONES:
+        raise ValueError(f"unknown encoder_type={encoder_type!r}; valid: {', '.join(ENCODER_TYPES)}")
+    if encoder_weights == "auto":
+        raise ValueError(REMOVED_AUTO)
+
+
+def ensure_backbone_weights(encoder_type: str, encoder_weights: str, progress: bool = True) -> Path | None:
+    """The state-dict file ``encoder_weights`` stands for, downloaded into the torch hub cache if
+    needed; None for 'none'. Raises WeightsUnavailableError (ImageNet file neither cached nor
+    downloadable) or FileNotFoundError (a path that does not exist) with what to do."""
+    _check_weights_choice(encoder_type, encoder_weights)
+    builder = _BACKBONES[encoder_type][0]
     if encoder_weights == "none":
         return None
-    if encoder_weights not in ("auto", "imagenet"):
+    if encoder_weights != "imagenet":
         path = Path(encoder_weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
                 f"encoder_weights={encoder_weights!r}: no such file; give a torchvision {builder} state "
-                "dict (.pth), or 'auto', 'imagenet' or 'none'"
+                "dict (.pth), or 'imagenet' or 'none'"
             )
         return path
-    enum = getattr(torchvision.models, enum_name)
-    for name in candidates:
-        path = _hub_checkpoint_path(getattr(enum, name))
-        if path.is_file():
-            return path
-    wanted = getattr(enum, candidates[0])
-    where = _hub_checkpoint_path(wanted)
-    message = (
-        f"ImageNet weights for encoder_type={encoder_type!r} are not in the torch hub cache: put "
-        f"{wanted.url} at {where} (or pass encoder_weights=<path to a .pth state dict>)"
-    )
-    if encoder_weights == "imagenet":
-        raise FileNotFoundError(message + "; bevtrain never downloads weights.")
-    warnings.warn(message + "; using random initialisation.", stacklevel=3)
-    return None
+    weights = imagenet_weights(encoder_type)
+    path = hub_checkpoint_path(weights)
+    if path.is_file():
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        match = torch.hub.HASH_REGEX.search(path.name)  # torchvision names end in -<sha256 prefix>
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            # torch hub's download (what weights.get_state_dict does): to a temp file in the cache,
+            # hash-checked, renamed into place; a progress bar on stderr
+            torch.hub.download_url_to_file(weights.url, str(path), match.group(1) if match else None,
+                                           progress=progress)
+    except Exception as err:  # URLError, timeouts, HTTP errors, a bad hash, a read-only cache ...
+        raise WeightsUnavailableError(
+            f"ImageNet weights for encoder_type={encoder_type!r} are not in the torch hub cache and could "
+            f"not be downloaded ({type(err).__name__}: {err}).\n"
+            f"  URL:        {weights.url}\n"
+            f"  cache path: {path}\n"
+            f"Download the file on a machine with internet and copy it to the cache path (the cache "
+            f"folder follows $TORCH_HOME, default ~/.cache/torch), or pass encoder_weights=<path to the "
+            f".pth>, or encoder_weights=none to train from random weights on purpose."
+        ) from err
+    return path
 
 
 def _build_backbone(encoder_type: str, encoder_weights: str) -> nn.Module:
     builder = getattr(torchvision.models, _BACKBONES[encoder_type][0])
     model = builder(weights=None)
-    path = resolve_backbone_weights(encoder_type, encoder_weights)
+    path = ensure_backbone_weights(encoder_type, encoder_weights)
     if path is not None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         try:
@@ -165,8 +217,7 @@ _ENCODER_CLASSES: Dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_encoder(encoder_type: str, out_channels: int, encoder_weights: str = "auto") -> nn.Module:
+def build_encoder(encoder_type: str, out_channels: int, encoder_weights: str = "imagenet") -> nn.Module:
     """Image encoder (N, 3, H, W) normalised float -> (N, out_channels, ceil(H/8), ceil(W/8))."""
-    if encoder_type not in _ENCODER_CLASSES:
-        raise ValueError(f"unknown encoder_type={encoder_type!r}; valid: {', '.join(ENCODER_TYPES)}")
+    _check_weights_choice(encoder_type, encoder_weights)
     return _ENCODER_CLASSES[encoder_type](encoder_type, out_channels, encoder_weights)
