@@ -51,6 +51,7 @@ from bevtrain.distributed import (
 )
 from bevtrain.losses import compute_losses
 from bevtrain.metrics import BevIoUEvaluator
+from bevtrain.model.encoders import ensure_backbone_weights
 
 
 class NonFiniteLossError(RuntimeError):
@@ -216,6 +217,32 @@ def _resume_config(cfg: Config, flags: Mapping[str, Any], is_main: bool):
     return new_cfg, ckpt, path
 
 
+def _ensure_encoder_weights(cfg: Config, is_main: bool) -> None:
+    """Have the encoder's ImageNet file in the torch hub cache (downloading it if needed) or stop with
+    the error naming the URL and cache path. Rank 0 first; its failure stops every rank."""
+    error = None
+    if is_main:
+        try:
+            ensure_backbone_weights(cfg.encoder_type, cfg.encoder_weights)
+        except (OSError, ValueError) as exc:
+            error = exc
+    message = broadcast_object(str(error) if error is not None else None)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 could not get the encoder weights: {message}")
+    if not is_main:  # another machine may have its own cache: get the file there too
+        ensure_backbone_weights(cfg.encoder_type, cfg.encoder_weights, progress=False)
+
+
+def clip_gradients(parameters, grad_clip: float, grad_acc: int) -> torch.Tensor:
+    """Clip as Simple-BEV did, for averaged micro-batches. Simple-BEV summed the gradients of its
+    grad_acc micro-batches (loss not divided) and clipped that sum at grad_clip; we average, so the
+    same clipping is ``clip(mean, grad_clip / grad_acc)`` = ``clip(sum, grad_clip) / grad_acc``.
+    Returns the norm of the averaged gradient before clipping."""
+    return torch.nn.utils.clip_grad_norm_(parameters, grad_clip / grad_acc)
+
+
 def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, Any]:
     is_main, device = info.is_main, info.device
     say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
@@ -224,6 +251,8 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
     ckpt = None
     if cfg.resume:
         cfg, ckpt, ckpt_file = _resume_config(cfg, flags, is_main)
+    if ckpt is None:
+        _ensure_encoder_weights(cfg, is_main)  # before any data: a missing file stops the run now
     if is_main:
         cfg = build.resolve_data_dir(cfg)  # may generate the synthetic set: rank 0 first
     barrier()
@@ -263,7 +292,8 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
 
     # ---- model, optimiser, schedule, precision ---------------------------------------------------
     vox_util = build.build_vox_util(cfg)
-    model = build.build_model(cfg).to(device)
+    # a resumed run's weights come from its checkpoint: no ImageNet file needed
+    model = build.build_model(cfg.replace(encoder_weights="none") if ckpt is not None else cfg).to(device)
     if info.distributed:
         seed_everything(cfg.seed + info.rank)  # same init everywhere (DDP broadcasts), own augment RNG
     if info.distributed and cfg.sync_bn:
@@ -454,7 +484,7 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
             skip, stop_now = flags_t[0].item() > 0, flags_t[1].item() > 0
             scaler.unscale_(optimizer)
             if not skip and cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                grad_norm = clip_gradients(raw_model.parameters(), cfg.grad_clip, cfg.grad_acc)
                 # with fp16 an inf gradient is the scaler's business (it skips and lowers the scale)
                 skip = not scaler.is_enabled() and not bool(torch.isfinite(grad_norm).item())
             if skip:

@@ -183,3 +183,55 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path, synthetic_root):
     (ckpt_run,) = [p for p in (tmp_path / "ckpt").iterdir() if "_ddp_" in p.name]
     ckpt = load_checkpoint(list_checkpoints(ckpt_run)[-1])
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+
+
+def test_missing_imagenet_weights_stop_the_run_before_any_data(tmp_path, synthetic_root, monkeypatch):
+    """Empty hub cache, no network: the run stops with the URL and cache path before it reads data
+    (a data_dir that does not exist would be the error otherwise) and before any run folder."""
+    import socket
+
+    from bevtrain.model.encoders import WeightsUnavailableError
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (offline test)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        flags = tiny(tmp_path, synthetic_root, encoder_weights="imagenet", data_dir=str(tmp_path / "absent"))
+        with pytest.raises(WeightsUnavailableError, match=r"resnet18-f37072fd\.pth"):
+            main(**flags)
+        # with the weights on purpose off, the same flags fail on the data instead
+        with pytest.raises(ConfigError, match="absent"):
+            main(**{**flags, "encoder_weights": "none"})
+    finally:
+        torch.hub.set_dir(previous)
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_grad_clip_clips_the_micro_batch_sum_as_simple_bev(tmp_path, synthetic_root, monkeypatch):
+    """Simple-BEV summed the gradients of its grad_acc micro-batches and clipped the sum at grad_clip;
+    we average. In the real loop, the gradient handed to the optimiser times grad_acc must equal
+    Simple-BEV's clipped sum (= grad_acc x our average before clipping, then clipped at grad_clip)."""
+    real_clip = torch.nn.utils.clip_grad_norm_
+    seen = []
+
+    def observed_clip(parameters, max_norm, *args, **kwargs):
+        params = [p for p in parameters if p.grad is not None]
+        before = [p.grad.detach().clone() for p in params]
+        norm = real_clip(params, max_norm, *args, **kwargs)
+        seen.append((before, [p.grad.detach().clone() for p in params]))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", observed_clip)
+    grad_acc, grad_clip = 3, 0.05  # small enough that every step is clipped
+    main(**tiny(tmp_path, synthetic_root, grad_acc=grad_acc, grad_clip=grad_clip, max_iters=2, do_val=False))
+    assert len(seen) == 2
+    for before, after in seen:
+        summed = [g * grad_acc for g in before]  # what Simple-BEV's un-divided loss gives
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in summed]))
+        assert total > grad_clip * 2, "the test needs clipping to be active"
+        scale = grad_clip / (total + 1e-6)  # torch's (and Simple-BEV's) clip_grad_norm_ rule
+        for ours, sb_sum in zip(after, summed):
+            torch.testing.assert_close(ours * grad_acc, sb_sum * scale, rtol=1e-4, atol=1e-9)
