@@ -78,6 +78,7 @@ def build_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
         use_radar=cfg["use_radar"],
         use_lidar=cfg["use_lidar"],
         use_metaradar=cfg["use_metaradar"],
+        radar_features=cfg["radar_features"],
         do_rgbcompress=cfg["do_rgbcompress"],
     )
 
@@ -88,7 +89,8 @@ def dataset_kwargs(cfg: Mapping[str, Any], split: str, is_train: bool) -> Dict[s
         rand_crop_and_resize=cfg["rand_crop_and_resize"], rand_flip=cfg["rand_flip"],
         ncams=cfg["ncams"], nsweeps=cfg["nsweeps"], do_shuffle_cams=cfg["do_shuffle_cams"],
         refcam_id=cfg["refcam_id"], use_radar=cfg["use_radar"], use_radar_filters=cfg["use_radar_filters"],
-        use_lidar=cfg["use_lidar"], use_metaradar=cfg["use_metaradar"], seqlen=cfg["seqlen"],
+        use_lidar=cfg["use_lidar"], use_metaradar=cfg["use_metaradar"],
+        radar_features=cfg["radar_features"], seqlen=cfg["seqlen"],
         get_tids=cfg["get_tids"], temporal_aug=cfg["temporal_aug"], Z=cfg["Z"], Y=cfg["Y"], X=cfg["X"],
         bounds=tuple(cfg["bounds"]), scene_centroid=tuple(cfg["scene_centroid"]),
         classes=tuple(cfg["classes"]), cache_dir=cfg["cache_dir"] or None, seed=cfg["seed"],

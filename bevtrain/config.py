@@ -66,7 +66,7 @@ FLAGS: Tuple[Flag, ...] = (
     _sb("val_freq", 100, "val loss/IoU every N steps"),
     _sb("save_freq", 1000, "checkpoint every N steps (and always at the end)"),
     _sb("batch_size", 8, "global batch per micro-step (split across DDP ranks)"),
-    _sb("grad_acc", 5, "micro-batches per optimiser step (loss divided by grad_acc)"),
+    _sb("grad_acc", 5, "micro-batches per optimiser step (loss divided by grad_acc; see grad_clip)"),
     _sb("lr", 3e-4, "learning rate (OneCycleLR max_lr when use_scheduler)"),
     _sb("use_scheduler", True, "linear OneCycleLR over max_iters + 100 steps (Simple-BEV), pct_start 0.05"),
     _sb("weight_decay", 1e-7, "AdamW weight decay"),
@@ -106,8 +106,14 @@ FLAGS: Tuple[Flag, ...] = (
     _f("stop_at", 0, "stop with a checkpoint after this step (0 = run to max_iters); resume later"),
     _f("seed", 0, "random seed (model init, sampler, augmentation)"),
     _f("deterministic", False, "deterministic algorithms (slower on GPU)"),
-    _f("encoder_weights", "auto", "'auto' (pretrained if cached locally, never downloads), "
-       "'none', or a path to a state dict"),
+    _f("encoder_weights", "imagenet", "'imagenet' (torchvision's ImageNet weights from the torch hub cache, "
+       "downloaded when missing; a run stops before training if neither works), 'none' (random init), "
+       "or a path to a state dict"),
+    _f("radar_features", "simplebev", "radar input: 'simplebev' = Simple-BEV's exactly (points in the ego "
+       "frame at RADAR_FRONT's time; 1 occupancy channel collapsed over Y, or with use_metaradar 16 raw "
+       "fields per voxel (last point wins, velocities in the sensor frame), no occupancy); 'rich' = ours "
+       "(each sweep at its own ego pose, occupancy + mean of 16 features with velocities in the ref "
+       "frame, per height slice)", choices=("simplebev", "rich")),
     _f("latent_dim", 128, "BEV feature channels"),
     _f("Z", 200, "BEV grid cells forward"),
     _f("Y", 8, "voxel grid cells vertical"),
@@ -120,7 +126,9 @@ FLAGS: Tuple[Flag, ...] = (
     _f("device", "auto", "auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)"),
     _f("val_batches", 1, "val batches per evaluation"),
     _f("viz_freq", 5000, "BEV images every N steps (0 = never)"),
-    _f("grad_clip", 5.0, "gradient-norm clipping (0 = off)"),
+    _f("grad_clip", 5.0, "max norm of the gradient summed over the grad_acc micro-batches, as Simple-BEV "
+       "clipped it (0 = off); we average micro-batches, so the averaged gradient is clipped at "
+       "grad_clip / grad_acc"),
     _f("pct_start", 0.05, "OneCycleLR warm-up fraction"),
     _f("max_nonfinite", 20, "stop (with a checkpoint) after this many non-finite steps in a row"),
     _f("sync_bn", False, "DDP: synchronise BatchNorm statistics across ranks"),
@@ -227,6 +235,12 @@ def coerce(name: str, value: Any, where: str = "flag") -> Any:
             value = _coerce_scalar(flag.kind, value)
     except TypeError:
         raise _type_error(name, where, flag, value) from None
+    if name == "encoder_weights" and value == "auto":
+        raise ConfigError(
+            f"{where} 'encoder_weights': 'auto' was removed (it trained from random weights without a word "
+            "when the ImageNet file was not cached). Use 'imagenet' (the default: torch hub cache, "
+            "downloaded when missing), 'none' (random init) or a path to a state dict"
+        )
     if flag.choices is not None and value not in flag.choices:
         raise ConfigError(f"{where} '{name}' must be one of {list(flag.choices)}, got {value!r}")
     return value

@@ -179,3 +179,53 @@ class Vox_util:  # noqa: N801  (Simple-BEV's name, kept so its users find it)
         counts.scatter_add_(1, flat, w)
         mean = sums / counts.clamp(min=1).unsqueeze(-1)
         return mean.permute(0, 2, 1).reshape(B, C, self.Z, self.Y, self.X)
+
+    # -- Simple-BEV's voxelisation (radar_features='simplebev') ----------------------------------
+    def _simplebev_voxel_index(self, xyz_ref: torch.Tensor, valid: torch.Tensor | None):
+        """Simple-BEV's vox.get_occupancy rule: a point counts when its mem coords are inside
+        (-0.5, size - 0.5) on every axis, its mem z is not exactly 0 and it is at least 0.1 (mem
+        units) from the reference origin; its voxel is the rounded mem coords (half to even, as
+        torch.round). Returns the flat [z, y, x] index (0 for points that do not count) and the mask."""
+        mem = self.Ref2Mem(xyz_ref)  # (B, N, 3)
+        x, y, z = mem[..., 0], mem[..., 1], mem[..., 2]
+        keep = (x > -0.5) & (x < self.X - 0.5) & (y > -0.5) & (y < self.Y - 0.5)
+        keep = keep & (z > -0.5) & (z < self.Z - 0.5) & (z != 0.0)
+        origin = self.Ref2Mem(torch.zeros(1, 1, 3, device=xyz_ref.device))
+        keep = keep & (torch.linalg.norm(mem - origin, dim=-1) >= 0.1)
+        if valid is not None:
+            keep = keep & valid.bool()
+        idx = torch.round(mem).long()
+        flat = (idx[..., 2] * self.Y + idx[..., 1]) * self.X + idx[..., 0]
+        return torch.where(keep, flat, torch.zeros_like(flat)), keep
+
+    def voxelize_xyz_simplebev(
+        self, xyz_ref: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Occupancy (B, 1, Z, Y, X) by Simple-BEV's rule (see _simplebev_voxel_index); like Simple-BEV
+        it clears voxel [0, 0, 0], where its rule sends the points that do not count."""
+        B = xyz_ref.shape[0]
+        flat, keep = self._simplebev_voxel_index(xyz_ref, valid)
+        occ = torch.zeros(B, self.Z * self.Y * self.X, device=xyz_ref.device)
+        occ.scatter_add_(1, flat, keep.float())
+        occ = (occ > 0).float()
+        occ[:, 0] = 0.0
+        return occ.reshape(B, 1, self.Z, self.Y, self.X)
+
+    def voxelize_features_simplebev(
+        self, xyz_ref: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Features (B, C, Z, Y, X) by Simple-BEV's vox.get_feat_occupancy: each voxel holds the
+        features of one of its points, no occupancy channel, voxel [0, 0, 0] cleared. Simple-BEV
+        shuffled the points and let the scatter pick (random); here the last point in list order wins."""
+        B, N, C = feats.shape
+        flat, keep = self._simplebev_voxel_index(xyz_ref, valid)
+        V = self.Z * self.Y * self.X
+        order = torch.arange(1, N + 1, device=feats.device).expand(B, N) * keep  # 0 = does not count
+        winner = torch.zeros(B, V, dtype=torch.long, device=feats.device)
+        winner.scatter_reduce_(1, flat, order, reduce="amax")  # (B, V) 1-based index of the last point
+        has = winner > 0
+        picked = torch.gather(feats.float(), 1, (winner - 1).clamp(min=0).unsqueeze(-1).expand(B, V, C))
+        out = picked * has.unsqueeze(-1)
+        out[:, 0] = 0.0
+        return out.permute(0, 2, 1).reshape(B, C, self.Z, self.Y, self.X)
+

@@ -158,7 +158,8 @@ def _ours_in_devkit_order_train(nusc, out):
 
 
 def test_bev_mirror_flips_targets_and_points_consistently(synthetic_root, cache):
-    kw = dict(use_radar=True, use_metaradar=True, use_lidar=True, nsweeps=2, ncams=1)
+    # rich radar: ref-frame velocities mirror too (simplebev: test_points.test_simplebev_radar_mirror_...)
+    kw = dict(use_radar=True, use_metaradar=True, radar_features="rich", use_lidar=True, nsweeps=2, ncams=1)
     val = _ds(synthetic_root, cache, **kw)
     train = _ds(synthetic_root, cache, is_train=True, do_shuffle_cams=False, rand_crop_and_resize=False, **kw)
     seen = set()

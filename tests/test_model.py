@@ -1,11 +1,9 @@
 """Segnet: lift geometry and speed path, encoders, gradients, radar/lidar inputs, overfitting."""
 
 import math
-import warnings
 
 import pytest
 import torch
-import torchvision
 
 from bevtrain.geometry import Vox_util, pad_intrinsics, rigid_inverse
 from bevtrain.losses import compute_losses
@@ -17,7 +15,6 @@ from bevtrain.model import (
     lift_features,
     lift_reference,
 )
-from bevtrain.model.encoders import resolve_backbone_weights
 
 SMALL_BOUNDS = (-16.0, 16.0, -5.0, 5.0, -16.0, 16.0)
 
@@ -159,27 +156,6 @@ def test_unknown_encoder_lists_valid_names():
         build_encoder("vit", 16, "none")
 
 
-def test_encoder_weights_never_download(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    with pytest.raises(FileNotFoundError, match="resnet18-f37072fd.pth"):
-        build_encoder("res18", 16, "imagenet")
-    with pytest.warns(UserWarning, match="random initialisation"):
-        assert resolve_backbone_weights("res18", "auto") is None
-
-    # Once the file torchvision would download is cached, 'auto' and 'imagenet' load it.
-    reference = torchvision.models.resnet18(weights=None)
-    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
-    cached.parent.mkdir(parents=True)
-    torch.save(reference.state_dict(), cached)
-    for weights in ("auto", "imagenet", str(cached)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            encoder = build_encoder("res18", 16, weights)
-        torch.testing.assert_close(encoder.stem_to_layer2[0].weight, reference.conv1.weight)
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        build_encoder("res18", 16, str(tmp_path / "missing.pth"))
-
-
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
     model = small_model(latent_dim=16, use_radar=True, use_metaradar=True, radar_feat_dim=2, use_lidar=True)
@@ -215,9 +191,11 @@ def test_gradients_reach_every_parameter():
         assert getattr(model, name).item() != 0.0
 
 
-def test_radar_and_lidar_change_the_output_and_padding_does_not():
+@pytest.mark.parametrize("radar_features", ["simplebev", "rich"])
+def test_radar_and_lidar_change_the_output_and_padding_does_not(radar_features):
     torch.manual_seed(0)
-    model = small_model(latent_dim=8, use_radar=True, use_metaradar=True, radar_feat_dim=2, use_lidar=True)
+    model = small_model(latent_dim=8, use_radar=True, use_metaradar=True, radar_feat_dim=2, use_lidar=True,
+                        radar_features=radar_features)
     model.eval()
     images, pix_T_cams, cams_T_ref = ring_inputs(B=1)
     g = torch.Generator().manual_seed(2)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from bevtrain.data import index, points
 
@@ -151,3 +152,130 @@ def test_radar_filters_change_counts_like_devkit(synthetic_root, nusc, records):
     total_on = sum(v for (on, _), v in counts.items() if on)
     total_off = sum(v for (on, _), v in counts.items() if not on)
     assert total_on < total_off, "the synthetic radar should contain points the default filters drop"
+
+
+# -- radar_features='simplebev': Simple-BEV's radar input, recomputed the way its code does it ----------
+def _simplebev_radar_reference(nusc, sample_token, nsweeps, metaradar, vox):
+    """Simple-BEV's nuscenesdataset.get_radar_data + padding, then train_nuscenes.run_model's map to the
+    reference camera (CAM_FRONT at validation) and vox.voxelize_xyz(_and_feats), written out with the
+    devkit, one point at a time in list order (Simple-BEV shuffles first; the last write wins).
+    Returns the compressor input (k, Z, X) in bevtrain's fold order (channel y*16 + c)."""
+    import os
+
+    from nuscenes.utils.data_classes import RadarPointCloud
+    from nuscenes.utils.geometry_utils import transform_matrix
+    from pyquaternion import Quaternion
+
+    sample = nusc.get("sample", sample_token)
+    ref_sd = nusc.get("sample_data", sample["data"]["RADAR_FRONT"])
+    ref_pose = nusc.get("ego_pose", ref_sd["ego_pose_token"])
+    ref_time = 1e-6 * ref_sd["timestamp"]
+    car_from_global = transform_matrix(
+        ref_pose["translation"], Quaternion(ref_pose["rotation"]), inverse=True
+    )
+    pts = np.zeros((19, 0))
+    RadarPointCloud.disable_filters()
+    try:
+        for chan in ("RADAR_BACK_RIGHT", "RADAR_BACK_LEFT", "RADAR_FRONT", "RADAR_FRONT_LEFT",
+                     "RADAR_FRONT_RIGHT"):
+            sd = nusc.get("sample_data", sample["data"][chan])
+            for _ in range(nsweeps):
+                pc = RadarPointCloud.from_file(os.path.join(nusc.dataroot, sd["filename"]))
+                pc.remove_close(2.2)
+                pose = nusc.get("ego_pose", sd["ego_pose_token"])
+                cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
+                global_from_car = transform_matrix(pose["translation"], Quaternion(pose["rotation"]))
+                car_from_current = transform_matrix(cs["translation"], Quaternion(cs["rotation"]))
+                pc.transform(car_from_global @ global_from_car @ car_from_current)
+                times = (ref_time - 1e-6 * sd["timestamp"]) * np.ones((1, pc.nbr_points()))
+                pts = np.concatenate([pts, np.concatenate([pc.points, times])], 1)
+                if sd["prev"] == "":
+                    break
+                sd = nusc.get("sample_data", sd["prev"])
+    finally:
+        RadarPointCloud.default_filters()
+    V = 700 * nsweeps
+    assert pts.shape[1] < V
+    pts = np.pad(pts, [(0, 0), (0, V - pts.shape[1])])  # zero rows: the ego origin
+    rad = torch.Tensor(pts).T  # (V, 19) float32, as Simple-BEV's torch.Tensor(...)
+
+    cam_sd = nusc.get("sample_data", sample["data"]["CAM_FRONT"])
+    cs = nusc.get("calibrated_sensor", cam_sd["calibrated_sensor_token"])
+    cam_T_ego = torch.Tensor(np.linalg.inv(transform_matrix(cs["translation"], Quaternion(cs["rotation"]))))
+    xyz = rad[:, :3] @ cam_T_ego[:3, :3].T + cam_T_ego[:3, 3]
+    feats = rad[:, 3:]
+
+    Z, Y, X = vox.Z, vox.Y, vox.X
+    lo = torch.tensor([vox.xmin, vox.ymin, vox.zmin])
+    size = torch.tensor([vox.vox_size_x, vox.vox_size_y, vox.vox_size_z])
+    mem = (xyz - lo - size / 2) / size  # Simple-BEV's mem_T_ref
+    zero = (torch.zeros(3) - lo - size / 2) / size
+    dims = torch.tensor([X, Y, Z])
+    ok = ((mem > -0.5) & (mem < dims - 0.5)).all(1) & (mem[:, 2] != 0) & ((mem - zero).norm(dim=1) >= 0.1)
+    occ = torch.zeros(Z, Y, X)
+    grid = torch.zeros(16, Z, Y, X)
+    hits = {}
+    for i in range(V):
+        x, y, z = (int(v) for v in torch.round(mem[i] * ok[i]))
+        occ[z, y, x] = 1.0
+        grid[:, z, y, x] = feats[i] * ok[i]
+        hits[z, y, x] = hits.get((z, y, x), 0) + int(ok[i])
+    occ[0, 0, 0] = 0.0
+    grid[:, 0, 0, 0] = 0.0
+    shared = sum(1 for k, n in hits.items() if n > 1 and k != (0, 0, 0))
+    if metaradar:
+        return grid.permute(2, 0, 1, 3).reshape(Y * 16, Z, X), shared
+    return occ.amax(dim=1)[None], shared
+
+
+@pytest.mark.parametrize("metaradar", [False, True])
+def test_simplebev_radar_input_equals_simple_bevs_rule(synthetic_root, nusc, tmp_path_factory, metaradar):
+    from bevtrain.data.dataset import NuScenesBEVDataset
+    from bevtrain.geometry import Vox_util
+    from bevtrain.model import Segnet
+
+    ds = NuScenesBEVDataset(
+        synthetic_root, dset="mini", split="val", is_train=False, res_scale=0.25, nsweeps=NSWEEPS,
+        use_radar=True, use_metaradar=metaradar, radar_features="simplebev",
+        cache_dir=tmp_path_factory.mktemp("idx"),
+    )  # fmt: skip
+    vox = Vox_util()  # the paper grid 200 x 8 x 200
+    model = Segnet(vox.Z, vox.Y, vox.X, vox, encoder_type="res18", encoder_weights="none", latent_dim=8,
+                   use_radar=True, use_metaradar=metaradar, radar_features="simplebev")
+    assert model.point_bev_channels() == (16 * vox.Y if metaradar else 1)  # Simple-BEV's compressor input
+    assert model.bev_compressor[0].in_channels == 8 * vox.Y + (16 * vox.Y if metaradar else 1)
+    shared_total = 0
+    for i in (len(ds) - 1, 0):  # a sample with full sweep history, and one at a scene start
+        sample = ds[i]
+        with torch.no_grad():
+            (ours,) = model.point_bev_inputs(sample["radar"][None], sample["radar_count"][None])
+        want, shared = _simplebev_radar_reference(nusc, sample["sample_token"], NSWEEPS, metaradar, vox)
+        shared_total += shared
+        assert ours.shape == (1,) + tuple(want.shape)
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(ours[0], want, rtol=0, atol=0)
+    if metaradar:
+        assert shared_total > 0, "no voxel holds two radar points: the last-write rule went untested"
+
+
+def test_simplebev_radar_mirror_moves_points_not_features(synthetic_root, tmp_path_factory):
+    """Simple-BEV flips the radar grid with the BEV features and leaves the values alone."""
+    from bevtrain.data.dataset import NuScenesBEVDataset
+
+    cache = tmp_path_factory.mktemp("idx")
+    kw = dict(dset="mini", split="val", res_scale=0.25, nsweeps=2, ncams=1, use_radar=True,
+              use_metaradar=True, radar_features="simplebev", cache_dir=cache)
+    val = NuScenesBEVDataset(synthetic_root, is_train=False, **kw)
+    train = NuScenesBEVDataset(synthetic_root, is_train=True, do_shuffle_cams=False,
+                               rand_crop_and_resize=False, **kw)
+    flipped = 0
+    for i in range(len(val)):
+        a, b = val[i], train[i]
+        m = np.round(np.diag(b["cams_T_ref"][0].numpy())).astype(np.float32)
+        n = int(a["radar_count"])
+        assert n == int(b["radar_count"]) > 0
+        pa, pb = a["radar"][:n].numpy(), b["radar"][:n].numpy()
+        np.testing.assert_allclose(pb[:, :3], pa[:, :3] * m[:3], atol=1e-4)
+        np.testing.assert_array_equal(pb[:, 3:], pa[:, 3:])
+        flipped += int((m[:3] < 0).any())
+    assert flipped > 0

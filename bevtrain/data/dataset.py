@@ -38,6 +38,7 @@ __all__ = ["NuScenesBEVDataset", "make_loader", "CAMERA_NAMES", "EpochSampler"]
 
 MAX_BOXES = 64
 RADAR_POINTS_PER_SWEEP = 700  # Simple-BEV: "radar has <700 points"
+RADAR_FEATURES = ("simplebev", "rich")  # radar_features: Simple-BEV's input exactly, or ours
 LIDAR_POINTS_PER_SWEEP = 35000  # a nuScenes lidar sweep has at most 34,720 returns
 
 
@@ -83,6 +84,7 @@ class NuScenesBEVDataset(Dataset):
         use_radar_filters: bool = False,
         use_lidar: bool = False,
         use_metaradar: bool = False,
+        radar_features: str = "simplebev",
         seqlen: int = 1,
         get_tids: bool = False,
         temporal_aug: bool = False,
@@ -106,6 +108,8 @@ class NuScenesBEVDataset(Dataset):
             raise ValueError(f"refcam_id={refcam_id} must index CAMERA_NAMES {CAMERA_NAMES}")
         if use_metaradar and not use_radar:
             raise ValueError("use_metaradar needs use_radar=True")
+        if radar_features not in RADAR_FEATURES:
+            raise ValueError(f"radar_features={radar_features!r}; valid: {', '.join(RADAR_FEATURES)}")
         if nsweeps < 1:
             raise ValueError(f"nsweeps={nsweeps} must be >= 1")
         self.records, self.index_info = load_index(
@@ -126,6 +130,7 @@ class NuScenesBEVDataset(Dataset):
         self.use_radar_filters = use_radar_filters
         self.use_lidar = use_lidar
         self.use_metaradar = use_metaradar
+        self.radar_features = radar_features
         self.get_tids = get_tids
         self.classes = tuple(classes)
         self.seed = int(seed)
@@ -226,7 +231,10 @@ class NuScenesBEVDataset(Dataset):
         }
         out.update(self._targets(rec, ref_T_global, flip_x, flip_z, mirror))
         if self.use_radar:
-            out.update(self._radar(rec, ref_T_global, flip_x, flip_z, ref_time=cams[0]["timestamp"]))
+            if self.radar_features == "simplebev":
+                out.update(self._radar_simplebev(rec, cams[0]["ego_T_cam"], mirror))
+            else:
+                out.update(self._radar(rec, ref_T_global, flip_x, flip_z, ref_time=cams[0]["timestamp"]))
         if self.use_lidar:
             out.update(self._lidar(rec, ref_T_global, flip_x, flip_z))
         out["sample_token"] = rec["token"]
@@ -288,6 +296,32 @@ class NuScenesBEVDataset(Dataset):
             )
         pts = points.mirror_points(pts, flip_x, flip_z, self.use_metaradar)
         padded, n = points.pad_points(pts, RADAR_POINTS_PER_SWEEP * self.nsweeps)
+        return {"radar": torch.from_numpy(padded), "radar_count": torch.tensor(n, dtype=torch.int64)}
+
+    def _radar_simplebev(self, rec, ego_T_refcam, mirror) -> dict:
+        """Simple-BEV's radar points (points.accumulate_radar_simplebev) in the reference frame: the
+        ego frame at RADAR_FRONT's keyframe mapped by the reference camera's extrinsics only, as
+        Simple-BEV did; the mirror moves xyz only (Simple-BEV flips the grid, not the values)."""
+        missing = [c for c in points.SIMPLEBEV_RADAR_ORDER if c not in rec["sweeps"]]
+        if missing:
+            raise SampleReadError(
+                f"sample {rec['token']} ({rec['scene_name']}) has no {', '.join(missing)} data; "
+                "radar_features=simplebev needs all five radars (radar_features=rich uses what is there)"
+            )
+        with _naming_sample(rec, "radar"):
+            pts = points.accumulate_radar_simplebev(
+                self.dataroot, rec["sweeps"], self.nsweeps, self.use_radar_filters, self.use_metaradar
+            )
+        ref_T_ego = mirror @ geometry.rigid_inverse(torch.from_numpy(ego_T_refcam)).numpy()
+        pts[:, :3] = pts[:, :3] @ ref_T_ego[:3, :3].T + ref_T_ego[:3, 3]
+        size = RADAR_POINTS_PER_SWEEP * self.nsweeps
+        if len(pts) < size:
+            # Simple-BEV pads its list to `size` with zero rows in the ego frame, and they voxelise at
+            # the ego origin (occupancy 1 there, features 0): one such row has the same effect.
+            origin = np.zeros((1, pts.shape[1]), np.float32)
+            origin[0, :3] = ref_T_ego[:3, 3]
+            pts = np.concatenate([pts, origin])
+        padded, n = points.pad_points(pts, size)
         return {"radar": torch.from_numpy(padded), "radar_count": torch.tensor(n, dtype=torch.int64)}
 
     def _lidar(self, rec, ref_T_global, flip_x, flip_z) -> dict:

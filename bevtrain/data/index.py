@@ -10,8 +10,9 @@ Record layout (one dict per keyframe sample; all matrices float64, metres, ``dst
     global_T_ego_lidar  (4,4)   ego pose at the LIDAR_TOP keyframe (the sample's ego)
     cams[name] = dict(path, width, height, timestamp,
                       pix_T_cam (4,4), ego_T_cam (4,4), global_T_ego (4,4) at the image's timestamp)
-    sweeps[chan] = dict(paths [str], global_T_sensor (k,4,4), timestamps (k,))   newest first,
-                   k <= nsweeps, following ``prev`` (chan = LIDAR_TOP and the five radars)
+    sweeps[chan] = dict(paths [str], global_T_sensor (k,4,4), global_T_ego (k,4,4) (ego pose at the
+                   sweep's timestamp), timestamps (k,))   newest first, k <= nsweeps, following
+                   ``prev`` (chan = LIDAR_TOP and the five radars)
     boxes = dict(center (N,3) global, wlh (N,3), rotation (N,4) quaternion wxyz global,
                  category [str], instance [str], visibility (N,) int)
 
@@ -41,7 +42,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: sweeps carry global_T_ego
 CAMERA_NAMES = [
     "CAM_FRONT_LEFT",
     "CAM_FRONT",
@@ -252,12 +253,13 @@ def build_records(dataroot: Path, version: str, scenes: Sequence[str], nsweeps: 
         for chan in SWEEP_CHANNELS:
             if chan not in data:
                 continue
-            paths, mats, stamps = [], [], []
+            paths, mats, egos, stamps = [], [], [], []
             sd = nusc.get("sample_data", data[chan])
             for _ in range(max(1, nsweeps)):
                 c = calib(sd["calibrated_sensor_token"])
                 paths.append(sd["filename"])
-                mats.append(ego_pose(sd["ego_pose_token"]) @ c["ego_T_sensor"])
+                egos.append(ego_pose(sd["ego_pose_token"]))
+                mats.append(egos[-1] @ c["ego_T_sensor"])
                 stamps.append(int(sd["timestamp"]))
                 if sd["prev"] == "":
                     break
@@ -265,6 +267,7 @@ def build_records(dataroot: Path, version: str, scenes: Sequence[str], nsweeps: 
             rec["sweeps"][chan] = {
                 "paths": paths,
                 "global_T_sensor": np.stack(mats),
+                "global_T_ego": np.stack(egos),
                 "timestamps": np.asarray(stamps, dtype=np.int64),
             }
         anns = [nusc.get("sample_annotation", t) for t in sample["anns"]]

@@ -67,6 +67,16 @@ METARADAR_FEATURES = [
     "time_lag",
 ]
 
+# Simple-BEV's radar input (nuscenesdataset.get_radar_data, radar_features='simplebev'): the channels
+# in its order, then per channel the newest nsweeps sweeps; each sweep's xyz mapped with its own ego
+# pose into the ego frame at the RADAR_FRONT keyframe; the 15 fields after xyz kept raw (velocities
+# stay in each radar's own frame: the devkit's transform moves xyz only), then the time lag
+# t(RADAR_FRONT keyframe) - t(sweep) in seconds: 16 features.
+SIMPLEBEV_RADAR_ORDER = [
+    "RADAR_BACK_RIGHT", "RADAR_BACK_LEFT", "RADAR_FRONT", "RADAR_FRONT_LEFT", "RADAR_FRONT_RIGHT"
+]
+SIMPLEBEV_RADAR_FEATURES = RADAR_FIELDS[3:] + ["time_lag"]
+
 _PCD_TYPES = {
     ("F", 2): "<f2",
     ("F", 4): "<f4",
@@ -212,8 +222,42 @@ def accumulate_radar(
     return np.concatenate(out) if out else np.zeros((0, width), np.float32)
 
 
+def accumulate_radar_simplebev(
+    dataroot: str,
+    sweeps_by_channel: dict,
+    nsweeps: int,
+    use_filters: bool,
+    metaradar: bool,
+    min_distance: float = MIN_DISTANCE,
+) -> np.ndarray:
+    """(N, 3) or (N, 3 + 16) float32 radar points as Simple-BEV fed them, in the ego frame at the
+    RADAR_FRONT keyframe (see SIMPLEBEV_RADAR_ORDER); map them to the reference camera with its
+    extrinsics only (``cam_T_ego``), as Simple-BEV did."""
+    filters = FILTERS_ON if use_filters else FILTERS_OFF
+    front = sweeps_by_channel["RADAR_FRONT"]
+    ego_T_global = np.linalg.inv(front["global_T_ego"][0])
+    ref_time_us = int(front["timestamps"][0])
+    out = []
+    for chan in SIMPLEBEV_RADAR_ORDER:
+        sweeps = sweeps_by_channel[chan]
+        items = list(zip(sweeps["paths"], sweeps["global_T_sensor"], sweeps["timestamps"]))[:nsweeps]
+        for path, global_T_sensor, stamp in items:
+            pts = read_radar(f"{dataroot}/{path}", filters)
+            pts = pts[_not_close(pts, min_distance)]
+            ego_T_sensor = ego_T_global @ global_T_sensor
+            xyz = pts[:, :3] @ ego_T_sensor[:3, :3].T + ego_T_sensor[:3, 3]
+            if metaradar:
+                lag = np.full((len(pts), 1), 1e-6 * ref_time_us - 1e-6 * int(stamp))
+                xyz = np.concatenate([xyz, pts[:, 3:], lag], axis=1)
+            out.append(xyz.astype(np.float32))
+    width = 3 + (len(SIMPLEBEV_RADAR_FEATURES) if metaradar else 0)
+    return np.concatenate(out) if out else np.zeros((0, width), np.float32)
+
+
 def mirror_points(points: np.ndarray, flip_x: bool, flip_z: bool, metaradar: bool = False) -> np.ndarray:
-    """Apply the BEV mirror M = diag(+-1, 1, +-1) to ref-frame points (and their ref velocities)."""
+    """Apply the BEV mirror M = diag(+-1, 1, +-1) to ref-frame points, and with ``metaradar`` to
+    the ref-frame velocities of METARADAR_FEATURES (Simple-BEV's raw features are not mirrored: it
+    flips the voxel grid, not the values in it)."""
     if not (flip_x or flip_z):
         return points
     points = points.copy()

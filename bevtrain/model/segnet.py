@@ -10,7 +10,11 @@ Differences from Simple-BEV, on purpose:
 - the camera average uses an explicit visibility mask (Simple-BEV used ``|feat| > 0``);
 - with ``do_rgbcompress=False`` the Y axis is averaged (Simple-BEV summed; the decoder's first
   conv + batch norm absorb the constant factor);
-- radar occupancy is folded over Y like everything else (Simple-BEV collapsed it to 1 channel);
+- with ``radar_features='rich'`` radar occupancy and mean features are folded over Y like
+  everything else, velocities rotated into the reference frame; ``'simplebev'`` (the default) is
+  Simple-BEV's radar input exactly: occupancy collapsed to 1 channel, or with metaradar 16 raw
+  features per voxel (one point's, no occupancy) folded over Y;
+- height slices are folded into channels y-major (channel y*C + c; Simple-BEV's order is c*Y + y);
 - the centre head returns logits (the loss applies the sigmoid); runs on any device.
 """
 
@@ -27,6 +31,7 @@ from bevtrain.model.encoders import IMAGENET_MEAN, IMAGENET_STD, build_encoder
 from bevtrain.model.lift import feature_pix_T_ref, fold_y_into_channels, lift_features, lift_reference
 
 RADAR_FEAT_DIM = 16  # Simple-BEV's metaradar feature count
+RADAR_FEATURES = ("simplebev", "rich")
 # "reference" (grid_sample over every voxel and camera) exists for tests and benchmarks.
 LIFTS = ("sparse", "reference")
 
@@ -43,10 +48,10 @@ class Segnet(nn.Module):
         Z, Y, X: voxel grid (must equal ``vox_util.grid_shape``).
         vox_util: the grid's geometry (bounds, centroid); also voxelises radar / lidar.
         encoder_type: one of ``ENCODER_TYPES`` (res101, res50, res18, effb0, effb4).
-        encoder_weights: 'auto' | 'imagenet' | 'none' | path to a torchvision state dict.
+        encoder_weights: 'imagenet' | 'none' | path to a torchvision state dict.
         latent_dim: channels of image features, BEV features and the 'feat' output.
-        use_radar / use_metaradar / radar_feat_dim: radar occupancy (+ mean features of the
-            ``radar_feat_dim`` columns after xyz) per voxel, folded with the camera features.
+        use_radar / use_metaradar / radar_feat_dim / radar_features: radar as input (see
+            ``point_bev_inputs``), the ``radar_feat_dim`` columns after xyz as features.
         use_lidar: lidar occupancy per voxel, folded likewise.
         do_rgbcompress: fold Y into channels and compress (True), or average over Y (False).
         lift_impl: 'sparse' (fast) or 'reference' (grid_sample over all voxels; for comparison).
@@ -66,12 +71,13 @@ class Segnet(nn.Module):
         X: int,
         vox_util: Vox_util,
         encoder_type: str = "res101",
-        encoder_weights: str = "auto",
+        encoder_weights: str = "imagenet",
         latent_dim: int = 128,
         use_radar: bool = False,
         use_lidar: bool = False,
         use_metaradar: bool = False,
         radar_feat_dim: int = RADAR_FEAT_DIM,
+        radar_features: str = "simplebev",
         do_rgbcompress: bool = True,
         lift_impl: str = "sparse",
     ):
@@ -80,6 +86,8 @@ class Segnet(nn.Module):
             raise ValueError(f"vox_util grid {vox_util.grid_shape} does not match Z, Y, X = {(Z, Y, X)}")
         if use_metaradar and not use_radar:
             raise ValueError("use_metaradar=True needs use_radar=True (metaradar adds features to radar)")
+        if radar_features not in RADAR_FEATURES:
+            raise ValueError(f"radar_features={radar_features!r}; valid: {', '.join(RADAR_FEATURES)}")
         if lift_impl not in LIFTS:
             raise ValueError(f"lift_impl={lift_impl!r}; valid: {', '.join(LIFTS)}")
         self.Z, self.Y, self.X = Z, Y, X
@@ -89,21 +97,19 @@ class Segnet(nn.Module):
         self.latent_dim = latent_dim
         self.use_radar, self.use_lidar, self.use_metaradar = use_radar, use_lidar, use_metaradar
         self.radar_feat_dim = radar_feat_dim
+        self.radar_features = radar_features
         self.do_rgbcompress = do_rgbcompress
 
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
         self.encoder = build_encoder(encoder_type, latent_dim, encoder_weights)
 
-        extra_per_y = 0  # channels per height slice from radar / lidar grids
-        if use_radar:
-            extra_per_y += 1 + (radar_feat_dim if use_metaradar else 0)
-        if use_lidar:
-            extra_per_y += 1
-        self.uses_compressor = do_rgbcompress or extra_per_y > 0
+        self.point_channels = self.point_bev_channels()
+        self.uses_compressor = do_rgbcompress or self.point_channels > 0
         if self.uses_compressor:
             self.bev_compressor = nn.Sequential(
-                nn.Conv2d((latent_dim + extra_per_y) * Y, latent_dim, kernel_size=3, padding=1, bias=False),
+                nn.Conv2d(latent_dim * Y + self.point_channels, latent_dim, kernel_size=3, padding=1,
+                          bias=False),
                 nn.InstanceNorm2d(latent_dim),
                 nn.GELU(),
             )
@@ -126,29 +132,50 @@ class Segnet(nn.Module):
             x = x / 255.0
         return (x - self.mean) / self.std
 
-    def _point_grids(self, radar, radar_count, lidar, lidar_count) -> list:
-        """Radar / lidar grids (B, k, Z, Y, X) in fp32, in the order the compressor expects."""
-        grids = []
+    def point_bev_channels(self) -> int:
+        """Compressor input channels from radar / lidar (after the latent_dim * Y camera channels).
+        Simple-BEV's radar: 1 (occupancy collapsed over Y) or, with metaradar, 16 * Y (features per
+        height slice, no occupancy); rich radar: (1 + 16 with metaradar) * Y; lidar: Y."""
+        n = 0
+        if self.use_radar:
+            if self.radar_features == "simplebev":
+                n += self.radar_feat_dim * self.Y if self.use_metaradar else 1
+            else:
+                n += (1 + (self.radar_feat_dim if self.use_metaradar else 0)) * self.Y
+        if self.use_lidar:
+            n += self.Y
+        return n
+
+    def point_bev_inputs(self, radar=None, radar_count=None, lidar=None, lidar_count=None) -> list:
+        """Radar / lidar BEV inputs (B, k, Z, X) in fp32, in the order the compressor expects."""
+        maps = []
         if self.use_radar:
             if radar is None or radar_count is None:
                 raise ValueError("use_radar=True: pass radar (B, R, 3+F) and radar_count (B,)")
             valid = _padding_mask(radar_count, radar.shape[1])
             xyz = radar[..., :3].float()
-            grids.append(self.vox_util.voxelize_xyz(xyz, valid))
-            if self.use_metaradar:
-                feats = radar[..., 3:]
-                if feats.shape[-1] != self.radar_feat_dim:
-                    raise ValueError(
-                        f"use_metaradar: radar has {feats.shape[-1]} feature channels after xyz, the model "
-                        f"was built with radar_feat_dim={self.radar_feat_dim}"
-                    )
-                grids.append(self.vox_util.voxelize_features(xyz, feats, valid))
+            feats = radar[..., 3:]
+            if self.use_metaradar and feats.shape[-1] != self.radar_feat_dim:
+                raise ValueError(
+                    f"use_metaradar: radar has {feats.shape[-1]} feature channels after xyz, the model "
+                    f"was built with radar_feat_dim={self.radar_feat_dim}"
+                )
+            if self.radar_features == "simplebev" and self.use_metaradar:
+                grid = self.vox_util.voxelize_features_simplebev(xyz, feats, valid)  # (B, 16, Z, Y, X)
+                maps.append(fold_y_into_channels(grid))
+            elif self.radar_features == "simplebev":
+                occ = self.vox_util.voxelize_xyz_simplebev(xyz, valid)  # (B, 1, Z, Y, X)
+                maps.append(occ.amax(dim=3))  # Simple-BEV: sum over Y, clamped to [0, 1]
+            else:
+                maps.append(fold_y_into_channels(self.vox_util.voxelize_xyz(xyz, valid)))
+                if self.use_metaradar:
+                    maps.append(fold_y_into_channels(self.vox_util.voxelize_features(xyz, feats, valid)))
         if self.use_lidar:
             if lidar is None or lidar_count is None:
                 raise ValueError("use_lidar=True: pass lidar (B, L, 4) and lidar_count (B,)")
             valid = _padding_mask(lidar_count, lidar.shape[1])
-            grids.append(self.vox_util.voxelize_xyz(lidar[..., :3].float(), valid))
-        return grids
+            maps.append(fold_y_into_channels(self.vox_util.voxelize_xyz(lidar[..., :3].float(), valid)))
+        return maps
 
     def forward(
         self,
@@ -177,10 +204,10 @@ class Segnet(nn.Module):
                 vox = lift_features(feats, featpix_T_ref, self.vox_util, layout)  # (B, latent, Z, Y, X)
             else:
                 vox = lift_reference(feats, featpix_T_ref, self.vox_util)
-            grids = self._point_grids(radar, radar_count, lidar, lidar_count)
+            point_maps = self.point_bev_inputs(radar, radar_count, lidar, lidar_count)
 
         if self.uses_compressor:
-            folded = [fold_y_into_channels(vox)] + [fold_y_into_channels(g.to(vox.dtype)) for g in grids]
+            folded = [fold_y_into_channels(vox)] + [m.to(vox.dtype) for m in point_maps]
             bev_in = folded[0] if len(folded) == 1 else torch.cat(folded, dim=1)
             bev = self.bev_compressor(bev_in.contiguous(memory_format=fmt))
         else:
