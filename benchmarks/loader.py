@@ -1,14 +1,18 @@
-"""Loader throughput: our NuScenesBEVDataset vs a Simple-BEV-style baseline vs the JPEG decode floor.
-
+"""Loader throughput: our NuScenesBEVDataset vs a baseline doing Simple-BEV's per-sample steps vs
+the JPEG decode floor.
 All run on the same data, with the same worker count and batch size 1, in one process run:
 
 - ``ours``: ``NuScenesBEVDataset`` in training mode (crop/resize/flip, shuffled reference camera);
   RGB only unless --radar/--lidar (then those modalities are read, as configured).
-- ``baseline``: what Simple-BEV's loader does per sample: PIL full-resolution decode + resize +
-  crop of six cameras, float tensors; lidar (3 sweeps) and radar (5 radars x 3 sweeps) read with the
-  devkit's point-cloud classes whether used or not; targets built with per-object full-grid tensors
-  (its ``xyz2circles`` over Z x Y x X and per-object masks). It uses our index for file paths and
-  poses so the devkit tables are not part of the timing.
+- ``baseline``: the per-sample work of Simple-BEV's training loader (``nuscenesdataset.VizData``),
+  step for step and no more: per camera a PIL full-resolution decode, nearest-neighbour resize, crop
+  and ``ToTensor`` (float); lidar (3 sweeps) and radar (5 radars x 3 sweeps) read with the devkit's
+  point-cloud classes whether used or not, concatenated sweep by sweep, padded to 30000 / 700 points
+  per sweep; the LSS ``binimg`` and the box list through devkit ``Box`` objects; ``get_seg_bev``
+  (``cv2.fillPoly`` per box); ``get_center_and_offset_bev`` (its ``xyz2circles_bev`` on the Z x X
+  plane for every box at once, per-box masks, size/yaw/height maps); the float images, padded
+  points and maps go to the main process as in Simple-BEV. It uses our index for file paths and
+  poses, so the devkit tables (cheap dict look-ups in Simple-BEV) are not timed.
 - ``floor``: only decoding the six JPEGs (returned to the main process, as any loader must), at the
   reduced-decode factor the validation output allows;
 - ``floor at train decode sizes``: the same, at the factor each training draw of ``ours`` needs
@@ -30,7 +34,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from bevtrain.data import augment, index
 from bevtrain.data.dataset import CAMERA_NAMES, NuScenesBEVDataset
-from bevtrain.data.targets import BOTTOM, box_corners, class_mask
 
 
 class FloorDataset(Dataset):
@@ -79,69 +82,125 @@ class SimpleBEVStyleDataset(Dataset):
         from PIL import Image
 
         fH, fW = self.final_dim
+        crop_offset = int(fH * (1 - 0.8))
         imgs = []
         for cam in CAMERA_NAMES:
             img = Image.open(os.path.join(self.root, rec["cams"][cam]["path"]))
             r = rng.uniform(0.8, 1.2)
             nw, nh = int(fW * r), int(fH * r)
-            off = int(fH * 0.2)
-            cw = int((nw - fW) / 2) + int(rng.uniform(-off, off))
-            ch = int((nh - fH) / 2) + int(rng.uniform(-off, off))
-            img = img.resize((nw, nh)).crop((cw, ch, cw + fW, ch + fH))
-            imgs.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
+            cw = int((nw - fW) / 2) + int(rng.uniform(-crop_offset, crop_offset))
+            ch = int((nh - fH) / 2) + int(rng.uniform(-crop_offset, crop_offset))
+            img = img.resize((nw, nh), Image.NEAREST).crop((cw, ch, cw + fW, ch + fH))
+            # torchvision's ToTensor: HWC uint8 -> CHW float in [0, 1]
+            imgs.append(torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255))
         return torch.stack(imgs)
+
+    def _sweeps(self, rec, chan, cls, rows):
+        """get_lidar_data / get_radar_data: sweeps into the ego frame, time row appended."""
+        sw = rec["sweeps"][chan]
+        ego_T_global = np.linalg.inv(sw["global_T_ego"][0])
+        points = np.zeros((rows, 0))
+        for path, g, stamp in list(zip(sw["paths"], sw["global_T_sensor"], sw["timestamps"]))[: self.nsweeps]:
+            pc = cls.from_file(os.path.join(self.root, path))
+            pc.remove_close(2.2)
+            pc.transform(ego_T_global @ g)
+            times = (1e-6 * sw["timestamps"][0] - 1e-6 * stamp) * np.ones((1, pc.nbr_points()))
+            points = np.concatenate((points, np.concatenate((pc.points, times), 0)), 1)
+        return points
 
     def _points(self, rec):
         from nuscenes.utils.data_classes import LidarPointCloud, RadarPointCloud
 
+        lidar = self._sweeps(rec, "LIDAR_TOP", LidarPointCloud, 5)
         RadarPointCloud.disable_filters()
-        out = []
-        for chan, cls in [("LIDAR_TOP", LidarPointCloud)] + [(r, RadarPointCloud) for r in index.RADAR_NAMES]:
-            sw = rec["sweeps"][chan]
-            for path, g in list(zip(sw["paths"], sw["global_T_sensor"]))[: self.nsweeps]:
-                pc = cls.from_file(os.path.join(self.root, path))
-                pc.remove_close(2.2)
-                pc.transform(g)
-                out.append(pc.points[:3])
-        return out
+        radar = np.concatenate([self._sweeps(rec, c, RadarPointCloud, 19) for c in index.RADAR_NAMES], 1)
+        V = 30000 * self.nsweeps
+        lidar = np.pad(lidar[:3].T[:V], [(0, max(0, V - lidar.shape[1])), (0, 0)])
+        radar = np.pad(radar.T, [(0, max(0, 700 * self.nsweeps - radar.shape[1])), (0, 0)])
+        return torch.from_numpy(lidar).float(), torch.from_numpy(radar).float()
 
-    def _targets(self, rec):
+    def _boxes(self, rec):
+        """get_binimg + get_lrtlist: vehicle boxes through devkit Box objects into the ego frame."""
+        from nuscenes.utils.data_classes import Box
+        from pyquaternion import Quaternion
+
+        ego = rec["global_T_ego_lidar"]
+        trans, rot = -ego[:3, 3], Quaternion(matrix=ego[:3, :3]).inverse
         boxes = rec["boxes"]
-        keep = class_mask(boxes["category"], ("vehicle",))
+        binimg = np.zeros((200, 200))
+        lrts, vis = [], []
+        for i, cat in enumerate(boxes["category"]):
+            if "vehicle" not in cat:
+                continue
+            box = Box(boxes["center"][i], boxes["wlh"][i], Quaternion(boxes["rotation"][i]))
+            box.translate(trans)
+            box.rotate(rot)
+            pts = np.round((box.bottom_corners()[:2].T + 50.0) / 0.5).astype(np.int32)
+            pts[:, [1, 0]] = pts[:, [0, 1]]
+            cv2.fillPoly(binimg, [pts], i + 1.0)
+            ego_T_box = np.eye(4)
+            ego_T_box[:3, :3], ego_T_box[:3, 3] = box.rotation_matrix, box.center
+            lrts.append((box.wlh[[1, 0, 2]], ego_T_box))
+            vis.append(float(boxes["visibility"][i] != 1))
+        return binimg, lrts, vis
+
+    def _targets(self, rec, lrts, vis):
+        """get_seg_bev and get_center_and_offset_bev in the reference camera's frame."""
+        N = len(lrts)
         c = rec["cams"]["CAM_FRONT"]
-        ref_T_global = np.linalg.inv(c["global_T_ego"] @ c["ego_T_cam"])
-        corners = box_corners(boxes["center"][keep], boxes["wlh"][keep], boxes["rotation"][keep])
-        corners = corners @ ref_T_global[:3, :3].T + ref_T_global[:3, 3]
-        centers = torch.from_numpy(corners.mean(1)).float()
-        N = len(corners)
+        cam_T_ego = np.linalg.inv(c["ego_T_cam"])
         seg = np.zeros((self.Z, self.X))
-        for n in range(N):
-            mem = self.vox.Ref2Mem(torch.from_numpy(corners[n][None]).float())[0]
-            pts = mem[BOTTOM][:, [0, 2]].numpy().astype(np.int32)
+        val = np.ones((self.Z, self.X))
+        signs = np.array([[sx, sy, sz] for sx in (1, -1) for sy in (1, -1) for sz in (1, -1)]) / 2
+        centers, lens, rts = [], [], []
+        for n, (lwh, ego_T_box) in enumerate(lrts):
+            cam_T_box = cam_T_ego @ ego_T_box
+            corners = (signs * lwh[[1, 0, 2]]) @ cam_T_box[:3, :3].T + cam_T_box[:3, 3]  # (8, 3)
+            mem = self.vox.Ref2Mem(torch.from_numpy(corners[None]).float())[0]
+            inds = torch.topk(torch.from_numpy(corners[:, 1]), 4, largest=False)[1]
+            pts = mem[inds][:, [0, 2]].numpy().astype(np.int32)
+            pts = np.stack([pts[0], pts[1], pts[3], pts[2]])
             cv2.fillPoly(seg, [pts], n + 1.0)
-        # Simple-BEV's xyz2circles: a Gaussian and offsets over the full 3D grid for every object.
-        grid = self.vox.voxel_centers_ref().reshape(self.Z, self.Y, self.X, 3)
-        grid = self.vox.Ref2Mem(grid.reshape(1, -1, 3)).reshape(self.Z, self.Y, self.X, 3)
-        cmem = self.vox.Ref2Mem(centers[None])[0] if N else torch.zeros(0, 3)
-        center = torch.zeros(1, self.Z, self.Y, self.X)
-        offset = torch.zeros(3, self.Z, self.Y, self.X)
-        seg_t = torch.from_numpy(seg)
+            if vis[n] == 0:
+                cv2.fillPoly(val, [pts], 0.0)
+            centers.append(cam_T_box[:3, 3])
+            lens.append(lwh)
+            rts.append(cam_T_box)
+        seg_t = torch.from_numpy(seg).float()
+        if N == 0:
+            return seg_t, torch.zeros(1, self.Z, self.X), torch.zeros(2, self.Z, self.X)
+        # xyz2circles_bev: a Gaussian and offsets on the Z x X plane for every box at once
+        cmem = self.vox.Ref2Mem(torch.tensor(np.array(centers), dtype=torch.float32)[None])[0]
+        xz = torch.stack([cmem[:, 0], cmem[:, 2]], 1).round().reshape(N, 2, 1, 1)
+        gz, gx = torch.meshgrid(torch.arange(self.Z).float(), torch.arange(self.X).float(), indexing="ij")
+        off = torch.stack([gx, gz])[None] - xz  # (N, 2, Z, X)
+        center = torch.exp(-(off**2).sum(1) / (2 * 3.0**2))
+        center[center < 0.001] = 0.0
+        masks = torch.stack([(seg_t == n + 1).float() for n in range(N)])[:, None]  # (N, 1, Z, X)
+        size_bev = torch.zeros(3, self.Z, self.X)
+        ry_bev = torch.zeros(1, self.Z, self.X)
+        ycoord_bev = torch.zeros(1, self.Z, self.X)
         for n in range(N):
-            d = grid - cmem[n]
-            g = torch.exp(-(d**2).sum(-1) / (2 * 3.0**2))
-            center = torch.maximum(center, g[None])
-            mask = (seg_t == n + 1).float()[:, None, :]
-            offset += (-d).permute(3, 0, 1, 2) * mask
-        offset = offset.min(dim=2)[0] + offset.max(dim=2)[0]
-        return torch.from_numpy(seg)[None].float(), center.max(dim=2)[0], offset[[0, 2]]
+            inst = seg_t == n + 1
+            size_bev[:, inst] = torch.tensor(lens[n], dtype=torch.float32)[:, None]
+        for n in range(N):
+            inst = seg_t == n + 1
+            ry_bev[:, inst] = float(np.arctan2(rts[n][0, 0], rts[n][2, 0]))
+        for n in range(N):
+            inst = seg_t == n + 1
+            ycoord_bev[:, inst] = float(rts[n][1, 3])
+        offset = (off * masks).sum(0)
+        return seg_t[None], center.max(0, keepdim=True)[0], offset * 2  # Simple-BEV: min + max over Y
 
     def __getitem__(self, i):
         rng = np.random.default_rng(i)
         rec = self.records[i]
         imgs = self._images(rec, rng)
-        pts = self._points(rec)
-        seg, center, offset = self._targets(rec)
-        return imgs.shape[0] + len(pts) + int(seg.sum() > -1)
+        lidar, radar = self._points(rec)
+        binimg, lrts, vis = self._boxes(rec)
+        seg, center, offset = self._targets(rec, lrts, vis)
+        # handed to the main process like Simple-BEV's batch (float images, padded points, maps)
+        return imgs, lidar, radar, torch.from_numpy(binimg).float(), seg, center, offset
 
 
 def _rss_mb(pid: int) -> float:
@@ -215,7 +274,7 @@ def main():
             ("floor at train decode sizes", FloorDataset(ours, train_factors=True)),
             ("ours train", ours),
             ("ours val", ours_val),
-            ("baseline (Simple-BEV style)", SimpleBEVStyleDataset(ours)),
+            ("baseline (Simple-BEV's steps)", SimpleBEVStyleDataset(ours)),
         ]
         # Rows take turns, --repeats times, and each reports its median: on a shared machine a
         # single pass drifts by ~10 %, and turns spread the drift over all rows alike.
