@@ -1,5 +1,5 @@
-"""Loader throughput: our NuScenesBEVDataset vs a baseline doing Simple-BEV's per-sample steps vs
-the JPEG decode floor.
+"""Loader throughput: ours vs a baseline doing Simple-BEV's per-sample steps vs the JPEG decode floor.
+
 All run on the same data, with the same worker count and batch size 1, in one process run:
 
 - ``ours``: ``NuScenesBEVDataset`` in training mode (crop/resize/flip, shuffled reference camera);
