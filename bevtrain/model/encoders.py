@@ -221,3 +221,49 @@ def build_encoder(encoder_type: str, out_channels: int, encoder_weights: str = "
     """Image encoder (N, 3, H, W) normalised float -> (N, out_channels, ceil(H/8), ceil(W/8))."""
     _check_weights_choice(encoder_type, encoder_weights)
     return _ENCODER_CLASSES[encoder_type](encoder_type, out_channels, encoder_weights)
+
+
+# -- Simple-BEV's EfficientNet conventions (compat='simplebev') --------------------------------------
+# Simple-BEV builds EfficientNets with lukemelas' efficientnet_pytorch ``from_pretrained``: every
+# conv pads TensorFlow-"SAME" style, statically, computed for the ImageNet image size (224 for b0,
+# 380 for b4) whatever the real input, so a stride-2 conv on an even size pads (0, 1) or (1, 2)
+# instead of torchvision's symmetric (1, 1) / (2, 2); and its batch norms use eps 1e-3, momentum 0.01.
+_EFFNET_IMAGE_SIZE = {"effb0": 224, "effb4": 380}
+SIMPLEBEV_EFFNET_BN = dict(eps=1e-3, momentum=0.01)
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _pad_input(pad_lrtb: Tuple[int, int, int, int]):
+    def hook(module, args):
+        return (nn.functional.pad(args[0], pad_lrtb),) + tuple(args[1:])
+
+    return hook
+
+
+def use_simplebev_effnet_conventions(encoder: nn.Module, encoder_type: str) -> None:
+    """Make an ``EfficientNetEncoder`` compute what Simple-BEV's ``Encoder_eff`` computes.
+
+    Parameters and their names are untouched: each spatial conv gets ``padding=0`` and a forward
+    pre-hook adding the static padding efficientnet_pytorch would use; the backbone's batch norms
+    get eps 1e-3 and momentum 0.01.
+    """
+    if encoder_type not in _EFFNET_IMAGE_SIZE or not isinstance(encoder, EfficientNetEncoder):
+        raise ValueError(f"Simple-BEV EfficientNet conventions apply to effb0/effb4, not {encoder_type!r}")
+    size = _EFFNET_IMAGE_SIZE[encoder_type]  # static size the padding is computed for, per stage
+    for module in list(encoder.to_stride8.modules()) + list(encoder.to_stride16.modules()):
+        if isinstance(module, nn.BatchNorm2d):
+            module.eps, module.momentum = SIMPLEBEV_EFFNET_BN["eps"], SIMPLEBEV_EFFNET_BN["momentum"]
+    # Convs in forward order; 1x1 convs need no padding, and only spatial ones change the size.
+    for module in list(encoder.to_stride8.modules()) + list(encoder.to_stride16.modules()):
+        if not isinstance(module, nn.Conv2d) or module.kernel_size == (1, 1):
+            continue
+        kernel, stride = module.kernel_size[0], module.stride[0]
+        top, bottom = _same_padding(size, kernel, stride)
+        module.padding = (0, 0)
+        module.register_forward_pre_hook(_pad_input((top, bottom, top, bottom)))
+        size = -(-size // stride)

@@ -224,3 +224,71 @@ def fold_y_into_channels(vox: torch.Tensor) -> torch.Tensor:
     """(B, C, Z, Y, X) -> (B, Y*C, Z, X) with channel index y*C + c (a view for lift_features' layouts)."""
     B, C, Z, Y, X = vox.shape
     return vox.permute(0, 3, 1, 2, 4).reshape(B, Y * C, Z, X)
+
+
+# -- Simple-BEV's own lift (compat='simplebev') ------------------------------------------------------
+SIMPLEBEV_EPS = 1e-6  # Simple-BEV's utils.basic.EPS: depth clamp and masked-mean denominator
+
+
+def simplebev_feature_pix_T_ref(
+    pix_T_cams: torch.Tensor, cams_T_ref: torch.Tensor, image_hw: Tuple[int, int], feat_hw: Tuple[int, int]
+) -> torch.Tensor:
+    """(B, S, 4, 4) reference -> feature pixels with Simple-BEV's intrinsics scaling.
+
+    Simple-BEV scales the principal point as ``cx * sx`` (``utils.geom.scale_intrinsics``), not
+    ``(cx + 0.5) * sx - 0.5``: its feature maps sit ``0.5 * (1 - sx)`` pixels off the image.
+    Its released weights learned with that offset, so compat mode keeps it.
+    """
+    H, W = image_hw
+    Hf, Wf = feat_hw
+    sx, sy = Wf / float(W), Hf / float(H)
+    featpix_T_cams = pix_T_cams.float().clone()
+    featpix_T_cams[..., 0, 0] *= sx
+    featpix_T_cams[..., 0, 2] *= sx
+    featpix_T_cams[..., 1, 1] *= sy
+    featpix_T_cams[..., 1, 2] *= sy
+    return featpix_T_cams @ cams_T_ref.float()
+
+
+def lift_simplebev(feats: torch.Tensor, featpix_T_ref: torch.Tensor, vox_util: Vox_util) -> torch.Tensor:
+    """Simple-BEV's ``unproject_image_to_mem`` + masked camera mean, reproduced: (B, C, Z, Y, X) fp32.
+
+    Where it departs from ``lift_reference`` (on purpose, to match Simple-BEV's weights):
+    - pixel coordinates are normalised by ``W - 1`` / ``H - 1`` but sampled with
+      ``align_corners=False``, so a voxel projecting to pixel u reads the feature map at
+      ``u * W / (W - 1) - 0.5`` (a stretch of up to one feature pixel at the far edge);
+    - outside the feature map ``grid_sample`` reads zeros (``padding_mode='zeros'``); normalised
+      coordinates are clamped to [-2, 2] first, depths to >= 1e-6;
+    - a voxel counts as seen by a camera when its projection lies strictly inside
+      (-0.5, W - 0.5) x (-0.5, H - 0.5) with depth > 0;
+    - the camera average is per channel over the cameras whose sample is non-zero
+      (``|feat| > 0``), divided by ``count + 1e-6``.
+    One camera at a time, so memory is B*C*Z*Y*X per camera rather than per rig.
+    """
+    _check_feats(feats)
+    B, S, C, Hf, Wf = feats.shape
+    Z, Y, X = vox_util.grid_shape
+    device = feats.device
+    with torch.autocast(device_type=device.type, enabled=False):
+        xyz = vox_util.voxel_centers_ref(device)  # (V, 3) in [z, y, x] order
+        featpix_T_ref = featpix_T_ref.float()
+        rot, trans = featpix_T_ref[..., :3, :3], featpix_T_ref[..., :3, 3]
+        pix = torch.einsum("bsij,nj->bsni", rot, xyz) + trans.unsqueeze(-2)  # (B, S, V, 3)
+        depth = pix[..., 2]  # (B, S, V): the camera's z (third row of pix_T_cam is (0, 0, 1, 0))
+        uv = pix[..., :2] / depth.clamp(min=SIMPLEBEV_EPS).unsqueeze(-1)
+        u, v = uv[..., 0], uv[..., 1]
+        seen = (u > -0.5) & (u < Wf - 0.5) & (v > -0.5) & (v < Hf - 0.5) & (depth > 0.0)
+        grid = torch.stack(
+            [(2.0 * u / (Wf - 1) - 1.0).clamp(-2.0, 2.0), (2.0 * v / (Hf - 1) - 1.0).clamp(-2.0, 2.0)], -1
+        )  # (B, S, V, 2)
+        total = torch.zeros(B, C, Z * Y * X, device=device)
+        count = torch.zeros(B, C, Z * Y * X, device=device)
+        for s in range(S):
+            sampled = F.grid_sample(
+                feats[:, s].float(), grid[:, s].unsqueeze(1), mode="bilinear", padding_mode="zeros",
+                align_corners=False,
+            ).squeeze(2)  # (B, C, V)
+            sampled = sampled * seen[:, s].unsqueeze(1).float()
+            total = total + sampled
+            count = count + (sampled.abs() > 0).float()
+        return (total / (count + SIMPLEBEV_EPS)).reshape(B, C, Z, Y, X)

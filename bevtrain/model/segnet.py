@@ -16,6 +16,14 @@ Differences from Simple-BEV, on purpose:
   features per voxel (one point's, no occupancy) folded over Y;
 - height slices are folded into channels y-major (channel y*C + c; Simple-BEV's order is c*Y + y);
 - the centre head returns logits (the loss applies the sigmoid); runs on any device.
+
+``compat='simplebev'`` undoes the differences that change what a set of weights computes, so that
+Simple-BEV's released checkpoints (converted by ``bevtrain.model.simplebev_compat``) give its
+numbers: its intrinsics scaling and lift (``lift.lift_simplebev``: sampling offsets, zero padding,
+``|feat| > 0`` camera mean), the Y sum without rgb compression, its radar input
+(``radar_features='simplebev'`` required), and efficientnet_pytorch's static "SAME" padding and
+batch-norm settings for effb0/effb4. Channel order inside the compressor input stays ours
+(y-major); the checkpoint converter permutes Simple-BEV's (channel-major) weights.
 """
 
 from __future__ import annotations
@@ -27,13 +35,26 @@ import torch.nn as nn
 
 from bevtrain.geometry import Vox_util
 from bevtrain.model.decoder import Decoder
-from bevtrain.model.encoders import IMAGENET_MEAN, IMAGENET_STD, build_encoder
-from bevtrain.model.lift import feature_pix_T_ref, fold_y_into_channels, lift_features, lift_reference
+from bevtrain.model.encoders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_encoder,
+    use_simplebev_effnet_conventions,
+)
+from bevtrain.model.lift import (
+    feature_pix_T_ref,
+    fold_y_into_channels,
+    lift_features,
+    lift_reference,
+    lift_simplebev,
+    simplebev_feature_pix_T_ref,
+)
 
 RADAR_FEAT_DIM = 16  # Simple-BEV's metaradar feature count
 RADAR_FEATURES = ("simplebev", "rich")
 # "reference" (grid_sample over every voxel and camera) exists for tests and benchmarks.
 LIFTS = ("sparse", "reference")
+COMPAT_MODES = ("none", "simplebev")
 
 
 def _padding_mask(count: torch.Tensor, n: int) -> torch.Tensor:
@@ -55,6 +76,8 @@ class Segnet(nn.Module):
         use_lidar: lidar occupancy per voxel, folded likewise.
         do_rgbcompress: fold Y into channels and compress (True), or average over Y (False).
         lift_impl: 'sparse' (fast) or 'reference' (grid_sample over all voxels; for comparison).
+        compat: 'none' (bevtrain's exact conventions) or 'simplebev' (Simple-BEV's forward pass,
+            see the module docstring; ``lift_impl`` is then unused).
 
     ``forward(images, pix_T_cams, cams_T_ref, radar=None, radar_count=None, lidar=None,
     lidar_count=None)``: images uint8 (B, S, 3, H, W) RGB; pix_T_cams (B, S, 4, 4) for the images
@@ -80,6 +103,7 @@ class Segnet(nn.Module):
         radar_features: str = "simplebev",
         do_rgbcompress: bool = True,
         lift_impl: str = "sparse",
+        compat: str = "none",
     ):
         super().__init__()
         if tuple(vox_util.grid_shape) != (Z, Y, X):
@@ -90,6 +114,15 @@ class Segnet(nn.Module):
             raise ValueError(f"radar_features={radar_features!r}; valid: {', '.join(RADAR_FEATURES)}")
         if lift_impl not in LIFTS:
             raise ValueError(f"lift_impl={lift_impl!r}; valid: {', '.join(LIFTS)}")
+        if compat not in COMPAT_MODES:
+            raise ValueError(f"compat={compat!r}; valid: {', '.join(COMPAT_MODES)}")
+        if compat == "simplebev":
+            if use_radar and use_lidar:
+                raise ValueError("compat='simplebev': Simple-BEV's Segnet takes radar or lidar, not both")
+            if use_radar and (radar_features != "simplebev" or radar_feat_dim != RADAR_FEAT_DIM):
+                raise ValueError("compat='simplebev' needs Simple-BEV's radar input: radar_features='simplebev' "
+                                 f"with {RADAR_FEAT_DIM} metaradar channels")
+        self.compat = compat
         self.Z, self.Y, self.X = Z, Y, X
         self.lift_impl = lift_impl
         self.vox_util = vox_util
@@ -103,6 +136,8 @@ class Segnet(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
         self.encoder = build_encoder(encoder_type, latent_dim, encoder_weights)
+        if compat == "simplebev" and encoder_type.startswith("eff"):
+            use_simplebev_effnet_conventions(self.encoder, encoder_type)
 
         self.point_channels = self.point_bev_channels()
         self.uses_compressor = do_rgbcompress or self.point_channels > 0
@@ -198,11 +233,15 @@ class Segnet(nn.Module):
         feats = feats.reshape(B, S, self.latent_dim, Hf, Wf)
 
         with torch.autocast(device_type=images.device.type, enabled=False):
-            featpix_T_ref = feature_pix_T_ref(pix_T_cams, cams_T_ref, (H, W), (Hf, Wf))
-            if self.lift_impl == "sparse":
+            if self.compat == "simplebev":
+                featpix_T_ref = simplebev_feature_pix_T_ref(pix_T_cams, cams_T_ref, (H, W), (Hf, Wf))
+                vox = lift_simplebev(feats, featpix_T_ref, self.vox_util)
+            elif self.lift_impl == "sparse":
+                featpix_T_ref = feature_pix_T_ref(pix_T_cams, cams_T_ref, (H, W), (Hf, Wf))
                 layout = "channels_last" if fmt == torch.channels_last else "channels_first"
                 vox = lift_features(feats, featpix_T_ref, self.vox_util, layout)  # (B, latent, Z, Y, X)
             else:
+                featpix_T_ref = feature_pix_T_ref(pix_T_cams, cams_T_ref, (H, W), (Hf, Wf))
                 vox = lift_reference(feats, featpix_T_ref, self.vox_util)
             point_maps = self.point_bev_inputs(radar, radar_count, lidar, lidar_count)
 
@@ -210,6 +249,8 @@ class Segnet(nn.Module):
             folded = [fold_y_into_channels(vox)] + [m.to(vox.dtype) for m in point_maps]
             bev_in = folded[0] if len(folded) == 1 else torch.cat(folded, dim=1)
             bev = self.bev_compressor(bev_in.contiguous(memory_format=fmt))
+        elif self.compat == "simplebev":
+            bev = vox.sum(dim=3).contiguous(memory_format=fmt)  # Simple-BEV sums over Y
         else:
             bev = vox.mean(dim=3).contiguous(memory_format=fmt)
         return self.decoder(bev)  # (B, 1|1|2|latent, Z, X)
