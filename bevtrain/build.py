@@ -80,6 +80,7 @@ def build_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
         use_metaradar=cfg["use_metaradar"],
         radar_features=cfg["radar_features"],
         do_rgbcompress=cfg["do_rgbcompress"],
+        compat=cfg["compat"],
     )
 
 
@@ -94,6 +95,7 @@ def dataset_kwargs(cfg: Mapping[str, Any], split: str, is_train: bool) -> Dict[s
         get_tids=cfg["get_tids"], temporal_aug=cfg["temporal_aug"], Z=cfg["Z"], Y=cfg["Y"], X=cfg["X"],
         bounds=tuple(cfg["bounds"]), scene_centroid=tuple(cfg["scene_centroid"]),
         classes=tuple(cfg["classes"]), cache_dir=cfg["cache_dir"] or None, seed=cfg["seed"],
+        compat=cfg["compat"],
     )
 
 

@@ -142,9 +142,32 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
             f"{str(e).splitlines()[0] if str(e) else ''}); delete it or pick another file with "
             f"--resume=<file.pth>"
         ) from e
+    if isinstance(ckpt, dict) and "model" not in ckpt and "model_state_dict" in ckpt:
+        return simplebev_checkpoint(ckpt, path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"checkpoint {path} holds no 'model' state dict")
     return ckpt
+
+
+def simplebev_checkpoint(raw: Dict[str, Any], path: Path) -> Dict[str, Any]:
+    """A file written by Simple-BEV's ``saverloader.save`` (``model_state_dict``, names maybe with
+    DataParallel's ``module.``; no config, no step but the file name's) in our checkpoint layout,
+    marked ``format='simplebev'``: its weights keep Simple-BEV's names until
+    ``bevtrain.model.simplebev_compat.convert_state_dict`` maps them onto a model."""
+    m = CKPT_RE.match(path.name)
+    return {
+        "format": "simplebev",
+        "model": strip_module_prefix(raw["model_state_dict"]),
+        "step": int(m.group(1)) if m else 0,
+        "optimizer": None,
+        "scheduler": None,
+        "scaler": None,
+        "config": None,
+    }
+
+
+def is_simplebev(ckpt: Dict[str, Any]) -> bool:
+    return ckpt.get("format") == "simplebev"
 
 
 class CheckpointManager:

@@ -135,6 +135,10 @@ FLAGS: Tuple[Flag, ...] = (
     _f("find_unused_parameters", False, "DDP: allow parameters without gradients"),
     _f("cache_dir", "", "index cache folder ('' = the dataset's default)"),
     _f("synthetic_dir", "data/synthetic", "synthetic dataroot used when data_dir is the absent default"),
+    _f("compat", "none", "forward pass and validation inputs: 'none' (bevtrain's exact pixel conventions) "
+       "or 'simplebev' (Simple-BEV's: intrinsics scaled as cx*sx, its lift sampling, zero padding and "
+       "|feat|>0 camera mean, PIL NEAREST val resize), for Simple-BEV's checkpoints; set automatically "
+       "when --init_dir is a Simple-BEV checkpoint", choices=("none", "simplebev")),
     _f("synthetic_keyframes", 40, "keyframes per synthetic scene when generating it"),
 )
 

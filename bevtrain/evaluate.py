@@ -46,6 +46,7 @@ from bevtrain.build import (
 from bevtrain.checkpoint import (
     CheckpointError,
     checkpoint_path,
+    is_simplebev,
     list_checkpoints,
     load_checkpoint,
     load_weights,
@@ -75,7 +76,7 @@ MODEL_KEYS = (
     "nsweeps",
 )
 # Settings that change what the network sees or is scored on: overriding them changes the numbers.
-DATA_KEYS = ("res_scale", "ncams", "refcam_id", "bounds", "scene_centroid", "classes")
+DATA_KEYS = ("res_scale", "ncams", "refcam_id", "bounds", "scene_centroid", "classes", "compat")
 BATCH_KEYS_ON_DEVICE = (
     "images",
     "pix_T_cams",
@@ -134,7 +135,12 @@ def find_checkpoint(init_dir: str, load_step: Any = None) -> Path:
 
 
 def saved_config(ckpt: Mapping[str, Any], ckpt_file: Path) -> Tuple[Dict[str, Any], str]:
-    """The training config of a checkpoint: inside the checkpoint, else config.yaml beside it."""
+    """The training config of a checkpoint: inside the checkpoint, else config.yaml beside it;
+    for a Simple-BEV checkpoint (no config anywhere) Simple-BEV's defaults in its compat mode."""
+    if is_simplebev(ckpt):
+        from bevtrain.convert_simplebev import simplebev_base_config
+
+        return simplebev_base_config(), f"{ckpt_file}: Simple-BEV file, no config: Simple-BEV's defaults"
     if isinstance(ckpt.get("config"), Mapping):
         return dict(ckpt["config"]), f"{ckpt_file} ['config']"
     beside = ckpt_file.parent / "config.yaml"
@@ -425,8 +431,15 @@ def evaluate(
     ckpt = load_checkpoint(ckpt_file, map_location="cpu")
     trained, config_source = saved_config(ckpt, ckpt_file)
     # Only the weights and the step are needed: let the optimiser state (~2x the weights) go now.
-    ckpt = {k: ckpt[k] for k in ("model", "step") if k in ckpt}
+    ckpt = {k: ckpt[k] for k in ("model", "step", "format") if k in ckpt}
     cfg, notes = eval_config(trained, overrides)
+    if is_simplebev(ckpt):
+        from bevtrain.convert_simplebev import check_simplebev_settings
+
+        try:
+            check_simplebev_settings(ckpt, cfg, ckpt_file)
+        except CheckpointError as e:
+            raise EvalError(f"cannot evaluate {ckpt_file}: {e}") from None
     try:
         info = init_distributed(cfg.device, cfg.device_ids)
     except ValueError as e:
@@ -461,9 +474,11 @@ def _build_model_from_checkpoint(
     cfg: Config, ckpt: Mapping[str, Any], ckpt_file: Path, trained: Mapping[str, Any]
 ) -> torch.nn.Module:
     # The weights come from the checkpoint: never look for pretrained encoder weights here.
+    from bevtrain.convert_simplebev import convert_weights
+
     model = build_model(cfg.replace(encoder_weights="none"))
     try:
-        load_weights(model, ckpt["model"], ignore_load=None, source=ckpt_file)
+        load_weights(model, convert_weights(model, ckpt, ckpt_file), ignore_load=None, source=ckpt_file)
     except CheckpointError as e:
         diffs = _differences(trained, cfg, MODEL_KEYS)
         why = (
@@ -500,7 +515,7 @@ def _evaluate(
     split,
 ):
     step = int(ckpt.get("step", 0))
-    say(f"[eval] checkpoint {ckpt_file} (step {step}); config from {config_source}")
+    say(f"[eval] checkpoint {ckpt_file} (step {step}); config from {config_source}; compat={cfg.compat}")
     for note in notes:
         say(f"[eval] override {note}")
     device = info.device
@@ -575,6 +590,8 @@ def _evaluate(
         "checkpoint": str(ckpt_file.resolve()),
         "step": step,
         "config_source": config_source,
+        "checkpoint_format": "simplebev" if is_simplebev(ckpt) else "bevtrain",
+        "compat": cfg.compat,
         "overrides": notes,
         "data": {"data_dir": str(cfg.data_dir), "dset": cfg.dset, "split": split, "split_size": n},
         "samples": counted,

@@ -29,16 +29,19 @@ import bevtrain
 from bevtrain import build
 from bevtrain.build import amp_dtype, forward, to_device
 from bevtrain.checkpoint import (
+    CheckpointError,
     CheckpointManager,
     capture_rng,
     checkpoint_path,
+    is_simplebev,
     load_checkpoint,
     load_weights,
     resolve_init,
     resolve_resume,
     restore_rng,
 )
-from bevtrain.config import Config, dump_yaml, resolve_config, run_name
+from bevtrain.config import Config, ConfigError, dump_yaml, resolve_config, run_name
+from bevtrain.convert_simplebev import check_simplebev_settings, convert_weights, simplebev_mode
 from bevtrain.distributed import (
     DistInfo,
     all_gather_object,
@@ -243,15 +246,40 @@ def clip_gradients(parameters, grad_clip: float, grad_acc: int) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(parameters, grad_clip / grad_acc)
 
 
+def _init_config(cfg: Config, flags: Mapping[str, Any], say):
+    """Read --init_dir's checkpoint; a Simple-BEV one switches on its compat mode (flags given
+    explicitly win) and must fit the model flags. Returns (cfg, checkpoint, path)."""
+    path = resolve_init(cfg.init_dir)
+    init = load_checkpoint(path)
+    if is_simplebev(init):
+        _, explicit = resolve_config(flags)
+        mode = simplebev_mode(explicit)
+        if mode:
+            cfg = cfg.replace(**mode)
+            say(f"[bevtrain] {path} is a Simple-BEV checkpoint: "
+                + ", ".join(f"{k}={v}" for k, v in mode.items()) + " (its forward pass and inputs)")
+        if cfg.compat != "simplebev":
+            raise ConfigError(
+                f"--init_dir={cfg.init_dir} is a Simple-BEV checkpoint: its weights need --compat=simplebev "
+                f"(Simple-BEV's forward pass), not --compat={cfg.compat}"
+            )
+        check_simplebev_settings(init, cfg, path)
+    return cfg, init, path
+
+
 def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, Any]:
     is_main, device = info.is_main, info.device
     say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
 
     # ---- config, resume, data location -----------------------------------------------------------
-    ckpt = None
+    ckpt = init = None
     if cfg.resume:
         cfg, ckpt, ckpt_file = _resume_config(cfg, flags, is_main)
-    if ckpt is None:
+    elif cfg.init_dir:
+        cfg, init, init_file = _init_config(cfg, flags, say)
+    # A Simple-BEV checkpoint replaces every weight (strictly), so ImageNet weights would go unused.
+    from_simplebev = init is not None and is_simplebev(init) and not cfg.ignore_load
+    if ckpt is None and not from_simplebev:
         _ensure_encoder_weights(cfg, is_main)  # before any data: a missing file stops the run now
     if is_main:
         cfg = build.resolve_data_dir(cfg)  # may generate the synthetic set: rank 0 first
@@ -293,7 +321,8 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
     # ---- model, optimiser, schedule, precision ---------------------------------------------------
     vox_util = build.build_vox_util(cfg)
     # a resumed run's weights come from its checkpoint: no ImageNet file needed
-    model = build.build_model(cfg.replace(encoder_weights="none") if ckpt is not None else cfg).to(device)
+    no_imagenet = ckpt is not None or from_simplebev
+    model = build.build_model(cfg.replace(encoder_weights="none") if no_imagenet else cfg).to(device)
     if info.distributed:
         seed_everything(cfg.seed + info.rank)  # same init everywhere (DDP broadcasts), own augment RNG
     if info.distributed and cfg.sync_bn:
@@ -330,13 +359,17 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
             say("[bevtrain] world size or batch size changed since the checkpoint: "
                 "data restarts at the next epoch")
             data_pos = {k: {"epoch": v["epoch"] + 1, "consumed": 0} for k, v in data_pos.items()}
-    elif cfg.init_dir:
-        init_file = resolve_init(cfg.init_dir)
-        init = load_checkpoint(init_file)
-        skipped = load_weights(raw_model, init["model"], ignore_load=cfg.ignore_load, source=init_file)
+    elif init is not None:
+        weights = convert_weights(raw_model, init, init_file)
+        skipped = load_weights(raw_model, weights, ignore_load=cfg.ignore_load, source=init_file)
         say(f"[bevtrain] initialised from {init_file}"
             + (f" (skipped {len(skipped)} ignored keys)" if skipped else ""))
         if cfg.load_optimizer:
+            if init.get("optimizer") is None:
+                raise CheckpointError(
+                    f"--load_optimizer=True: {init_file} holds no bevtrain optimiser state (a Simple-BEV or "
+                    "converted checkpoint: Simple-BEV's optimiser state does not map onto ours); drop it"
+                )
             optimizer.load_state_dict(init["optimizer"])
             if scheduler is not None and init.get("scheduler") is not None:
                 scheduler.load_state_dict(init["scheduler"])

@@ -13,6 +13,14 @@ Augmentation (Simple-BEV's ``sample_augmentation``), with final_dim = (fH, fW):
   aspect (1600/900) and final_dim's (400/224) differ by 0.45 %, so sx != sy slightly; the
   intrinsics carry both scales exactly, so geometry stays exact without cropping anything away.
 
+Simple-BEV's conventions (``compat='simplebev'``, so that its weights see what they were trained
+on): its intrinsics scale the principal point as ``cx * sx`` (no half-pixel terms); at
+validation it resizes the full JPEG with PIL's NEAREST straight to final_dim
+(``load_simplebev_val_image``); a training flip, which Simple-BEV does inside its network (image
+flipped before the encoder, features flipped back), is expressed by intrinsics that make its
+feature sampling read the mirrored position: ``cx -> W * (Wf - 1) / Wf - cx`` with Wf the
+stride-8 feature width (``transform_intrinsics(..., convention='simplebev')``).
+
 Decode: when the resize shrinks the image by >= 2 (4, 8) on both axes, or would after an
 enlargement by at most 1.2 (training's largest random resize; see ``decode_factor``), JPEG
 decoding itself downsamples by that factor (``cv2.IMREAD_REDUCED_COLOR_*``, DCT scaling: output
@@ -107,16 +115,25 @@ def decode_jpeg(path: str, factor: int = 1) -> np.ndarray:
     return img
 
 
-def transform_intrinsics(pix_T_cam: np.ndarray, steps) -> np.ndarray:
-    """Apply ('scale', sx, sy), ('crop', x0, y0), ('flip', W) steps to a (4,4) pix_T_cam."""
+CONVENTIONS = ("exact", "simplebev")
+SIMPLEBEV_FEATURE_STRIDE = 8  # Simple-BEV's encoders output stride-8 feature maps
+
+
+def transform_intrinsics(pix_T_cam: np.ndarray, steps, convention: str = "exact") -> np.ndarray:
+    """Apply ('scale', sx, sy), ('crop', x0, y0), ('flip', W) steps to a (4,4) pix_T_cam.
+
+    ``convention='simplebev'``: Simple-BEV's scaling (cx * sx) and flip (see the module docstring)."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention={convention!r}; valid: {', '.join(CONVENTIONS)}")
+    half = 0.5 if convention == "exact" else 0.0
     k = np.array(pix_T_cam, dtype=np.float64)
     for step in steps:
         if step[0] == "scale":
             _, sx, sy = step
             k[0, 0] *= sx
             k[1, 1] *= sy
-            k[0, 2] = (k[0, 2] + 0.5) * sx - 0.5
-            k[1, 2] = (k[1, 2] + 0.5) * sy - 0.5
+            k[0, 2] = (k[0, 2] + half) * sx - half
+            k[1, 2] = (k[1, 2] + half) * sy - half
             k[0, 1] *= sx  # skew (zero in nuScenes) scales with x
         elif step[0] == "crop":
             _, x0, y0 = step
@@ -125,7 +142,11 @@ def transform_intrinsics(pix_T_cam: np.ndarray, steps) -> np.ndarray:
         elif step[0] == "flip":
             _, w = step
             k[0, :3] = -k[0, :3]
-            k[0, 2] += w - 1
+            if convention == "exact":
+                k[0, 2] += w - 1
+            else:
+                wf = -(-w // SIMPLEBEV_FEATURE_STRIDE)
+                k[0, 2] += w * (wf - 1) / wf
         else:
             raise ValueError(step)
     return k
@@ -164,8 +185,9 @@ def load_augmented_image(
     aug: ImageAug,
     fast_decode: bool = True,
     out: np.ndarray | None = None,
+    convention: str = "exact",
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Decode + resize + crop + flip one image.
+    """Decode + resize + crop + flip one image (intrinsics in ``convention``, see transform_intrinsics).
 
     Returns (RGB uint8 (3, fH, fW), pix_T_cam (4,4) float64 for that image). With ``out`` (a
     (3, fH, fW) uint8 array, e.g. one camera of a preallocated (S, 3, fH, fW) batch) the image is
@@ -194,4 +216,31 @@ def load_augmented_image(
     if out is None:
         out = np.empty((3, fH, fW), np.uint8)
     _write_chw(img, x0, y0, aug.flip, out)
-    return out, transform_intrinsics(pix_T_cam, steps)
+    return out, transform_intrinsics(pix_T_cam, steps, convention)
+
+
+def load_simplebev_val_image(
+    path: str, pix_T_cam: np.ndarray, src_wh: Tuple[int, int], final_hw: Tuple[int, int],
+    out: np.ndarray | None = None,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Simple-BEV's validation image: the full JPEG resized by PIL NEAREST straight to final_dim.
+
+    Returns (RGB uint8 (3, fH, fW), pix_T_cam (4,4) float64 in Simple-BEV's convention)."""
+    from PIL import Image
+
+    fH, fW = final_hw
+    try:
+        with Image.open(path) as img:
+            if img.size != tuple(src_wh):
+                w, h = img.size
+                raise ImageReadError(f"image {path} is {w}x{h}, but the dataset says {src_wh[0]}x{src_wh[1]}")
+            rgb = np.asarray(img.convert("RGB").resize((fW, fH), Image.NEAREST))  # (fH, fW, 3)
+    except ImageReadError:
+        raise
+    except (OSError, SyntaxError) as e:  # PIL raises SyntaxError for some broken JPEG headers
+        raise ImageReadError(f"cannot read image {path} (missing or corrupt): {e}") from e
+    if out is None:
+        out = np.empty((3, fH, fW), np.uint8)
+    out[...] = rgb.transpose(2, 0, 1)
+    steps = [("scale", fW / float(src_wh[0]), fH / float(src_wh[1]))]
+    return out, transform_intrinsics(pix_T_cam, steps, "simplebev")

@@ -97,6 +97,7 @@ class NuScenesBEVDataset(Dataset):
         cache_dir=None,
         seed: int = 0,
         fast_decode: bool = True,
+        compat: str = "none",
     ):
         if seqlen != 1:
             raise NotImplementedError(
@@ -112,6 +113,8 @@ class NuScenesBEVDataset(Dataset):
             raise ValueError(f"radar_features={radar_features!r}; valid: {', '.join(RADAR_FEATURES)}")
         if nsweeps < 1:
             raise ValueError(f"nsweeps={nsweeps} must be >= 1")
+        if compat not in ("none", "simplebev"):
+            raise ValueError(f"compat={compat!r}; valid: none, simplebev")
         self.records, self.index_info = load_index(
             data_dir, dset, split, nsweeps=nsweeps, cache_dir=cache_dir
         )
@@ -135,6 +138,8 @@ class NuScenesBEVDataset(Dataset):
         self.classes = tuple(classes)
         self.seed = int(seed)
         self.fast_decode = fast_decode
+        # compat='simplebev': intrinsics in Simple-BEV's convention, and its PIL NEAREST val resize.
+        self.compat = compat
         self.epoch = 0
         self.vox = geometry.Vox_util(Z, Y, X, scene_centroid=scene_centroid, bounds=bounds)
         # The BEV mirror is an array flip only if the grid is symmetric about 0 on that axis.
@@ -216,9 +221,18 @@ class NuScenesBEVDataset(Dataset):
             path = os.path.join(self.dataroot, cam["path"])
             with _naming_sample(rec, CAMERA_NAMES[cam_id]):
                 src_wh = (cam["width"], cam["height"])
-                _, pix_T_cam = augment.load_augmented_image(
-                    path, cam["pix_T_cam"], src_wh, aug, self.fast_decode, out=images[s]
-                )
+                if self.compat == "simplebev" and aug.resize_wh == (aug.final_hw[1], aug.final_hw[0]) \
+                        and aug.crop_xy == (0, 0) and not aug.flip:
+                    # Simple-BEV's "perfect resize" (validation, or no rand_crop_and_resize)
+                    _, pix_T_cam = augment.load_simplebev_val_image(
+                        path, cam["pix_T_cam"], src_wh, aug.final_hw, out=images[s]
+                    )
+                else:
+                    convention = "simplebev" if self.compat == "simplebev" else "exact"
+                    _, pix_T_cam = augment.load_augmented_image(
+                        path, cam["pix_T_cam"], src_wh, aug, self.fast_decode, out=images[s],
+                        convention=convention,
+                    )
             pix_T_cams.append(pix_T_cam)
 
         ref_T_ego = mirror @ ref_T_global @ rec["global_T_ego_lidar"]

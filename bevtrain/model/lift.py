@@ -281,14 +281,18 @@ def lift_simplebev(feats: torch.Tensor, featpix_T_ref: torch.Tensor, vox_util: V
         grid = torch.stack(
             [(2.0 * u / (Wf - 1) - 1.0).clamp(-2.0, 2.0), (2.0 * v / (Hf - 1) - 1.0).clamp(-2.0, 2.0)], -1
         )  # (B, S, V, 2)
-        total = torch.zeros(B, C, Z * Y * X, device=device)
-        count = torch.zeros(B, C, Z * Y * X, device=device)
-        for s in range(S):
-            sampled = F.grid_sample(
-                feats[:, s].float(), grid[:, s].unsqueeze(1), mode="bilinear", padding_mode="zeros",
-                align_corners=False,
-            ).squeeze(2)  # (B, C, V)
-            sampled = sampled * seen[:, s].unsqueeze(1).float()
-            total = total + sampled
-            count = count + (sampled.abs() > 0).float()
-        return (total / (count + SIMPLEBEV_EPS)).reshape(B, C, Z, Y, X)
+        out = []
+        for b in range(B):
+            total = torch.zeros(Z * Y * X, C, device=device)  # voxel-major: index_add over whole rows
+            count = torch.zeros(Z * Y * X, C, device=device)
+            for s in range(S):
+                # Only the voxels this camera sees: Simple-BEV zeroes the rest, adding nothing.
+                idx = seen[b, s].nonzero().squeeze(1)  # (n,)
+                sampled = F.grid_sample(
+                    feats[b, s].float().unsqueeze(0), grid[b, s, idx].reshape(1, 1, -1, 2), mode="bilinear",
+                    padding_mode="zeros", align_corners=False,
+                ).reshape(C, -1).t()  # (n, C)
+                total.index_add_(0, idx, sampled)
+                count.index_add_(0, idx, (sampled.abs() > 0).float())
+            out.append((total / (count + SIMPLEBEV_EPS)).t().reshape(C, Z, Y, X))
+        return torch.stack(out)
