@@ -345,3 +345,12 @@ def test_eval_convert_and_train_accept_a_simplebev_folder(tiny_simplebev_folder,
     with pytest.raises(Exception, match="compat=simplebev"):
         train_main(init_dir=str(tiny_simplebev_folder), compat="none", max_iters=1, device="cpu",
                    log_dir=str(tmp_path / "logs"), ckpt_dir=str(tmp_path / "ckpt"), **common, **TINY)
+
+
+def test_compat_feature_intrinsics_scale_the_principal_point_like_simplebev():
+    from bevtrain.model.lift import simplebev_feature_pix_T_ref
+
+    K = pad_intrinsics(torch.tensor([[300.0, 0, 391.0], [0, 290.0, 230.0], [0, 0, 1]])).reshape(1, 1, 4, 4)
+    featpix = simplebev_feature_pix_T_ref(K, torch.eye(4).reshape(1, 1, 4, 4), (448, 800), (56, 100))[0, 0]
+    sx, sy = 100 / 800, 56 / 448
+    assert torch.allclose(featpix[:2, :3], torch.tensor([[300 * sx, 0, 391 * sx], [0, 290 * sy, 230 * sy]]))
