@@ -140,7 +140,8 @@ def saved_config(ckpt: Mapping[str, Any], ckpt_file: Path) -> Tuple[Dict[str, An
     if is_simplebev(ckpt):
         from bevtrain.convert_simplebev import simplebev_base_config
 
-        return simplebev_base_config(), f"{ckpt_file}: Simple-BEV file, no config: Simple-BEV's defaults"
+        base = {**simplebev_base_config(), "_simplebev_file": True}  # model flags are settings, not overrides
+        return base, f"{ckpt_file}: Simple-BEV file, no config: Simple-BEV's defaults"
     if isinstance(ckpt.get("config"), Mapping):
         return dict(ckpt["config"]), f"{ckpt_file} ['config']"
     beside = ckpt_file.parent / "config.yaml"
@@ -191,7 +192,7 @@ def eval_config(trained: Mapping[str, Any], overrides: Mapping[str, Any]) -> Tup
             notes.append(f"{k}: {cfg[k]!r} (command line, as in training)")
             continue
         note = f"{k}: {before!r} -> {cfg[k]!r} (command line)"
-        if k in MODEL_KEYS:
+        if k in MODEL_KEYS and not trained.get("_simplebev_file"):
             note += "  [changes the network: the checkpoint may not load]"
         elif k in DATA_KEYS:
             note += "  [differs from training: numbers not comparable to the run's own]"
