@@ -120,8 +120,8 @@ class Segnet(nn.Module):
             if use_radar and use_lidar:
                 raise ValueError("compat='simplebev': Simple-BEV's Segnet takes radar or lidar, not both")
             if use_radar and (radar_features != "simplebev" or radar_feat_dim != RADAR_FEAT_DIM):
-                raise ValueError("compat='simplebev' needs Simple-BEV's radar input: radar_features='simplebev' "
-                                 f"with {RADAR_FEAT_DIM} metaradar channels")
+                raise ValueError("compat='simplebev' needs Simple-BEV's radar input: "
+                                 f"radar_features='simplebev' with {RADAR_FEAT_DIM} metaradar channels")
         self.compat = compat
         self.Z, self.Y, self.X = Z, Y, X
         self.lift_impl = lift_impl
