@@ -96,6 +96,7 @@ def dataset_kwargs(cfg: Mapping[str, Any], split: str, is_train: bool) -> Dict[s
         bounds=tuple(cfg["bounds"]), scene_centroid=tuple(cfg["scene_centroid"]),
         classes=tuple(cfg["classes"]), cache_dir=cfg["cache_dir"] or None, seed=cfg["seed"],
         compat=cfg["compat"],
+        target_raster=cfg["target_raster"],
     )
 
 

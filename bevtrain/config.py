@@ -121,6 +121,10 @@ FLAGS: Tuple[Flag, ...] = (
     _f("bounds", list(DEFAULT_BOUNDS), "XMIN XMAX YMIN YMAX ZMIN ZMAX in metres", kind="list[float]"),
     _f("scene_centroid", list(DEFAULT_CENTROID), "grid shift (x, y, z) in metres", kind="list[float]"),
     _f("classes", ["vehicle"], "target classes (nuScenes category prefixes)", kind="list[str]"),
+    _f("target_raster", "simplebev", "how boxes become BEV targets: 'simplebev' = Simple-BEV's maps "
+       "cell for cell (lidar-keyframe ego pose, truncated corners, cv2.fillPoly; needed for numbers "
+       "comparable with the paper), 'exact' = cells whose centre is inside the footprint",
+       choices=("simplebev", "exact")),
     _f("amp", "auto", "mixed precision: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (+GradScaler), none",
        choices=("auto", "bf16", "fp16", "none")),
     _f("device", "auto", "auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)"),
@@ -144,6 +148,17 @@ FLAGS: Tuple[Flag, ...] = (
 
 FLAG_BY_NAME: Dict[str, Flag] = {f.name: f for f in FLAGS}
 DEFAULTS: Dict[str, Any] = {f.name: f.default for f in FLAGS}
+# What a run saved before a flag existed was trained with, where that differs from today's default.
+LEGACY_VALUES: Dict[str, Any] = {"target_raster": "exact"}
+
+
+def fill_legacy(saved: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """A saved (checkpoint) config with the flags it predates set to what that run used.
+
+    Returns the filled config and the values filled in (empty when the config has them all).
+    """
+    filled = {k: v for k, v in LEGACY_VALUES.items() if k not in saved}
+    return {**dict(saved), **filled}, filled
 
 
 class Config(dict):

@@ -51,7 +51,7 @@ from bevtrain.checkpoint import (
     load_checkpoint,
     load_weights,
 )
-from bevtrain.config import FLAG_BY_NAME, Config, ConfigError, resolve_config, suggest
+from bevtrain.config import FLAG_BY_NAME, Config, ConfigError, fill_legacy, resolve_config, suggest
 from bevtrain.distributed import (
     all_gather_object,
     all_reduce_,
@@ -60,7 +60,7 @@ from bevtrain.distributed import (
     cleanup,
     init_distributed,
 )
-from bevtrain.metrics import PROTOCOLS, BevIoUEvaluator, format_table
+from bevtrain.metrics import PROTOCOLS, BevIoUEvaluator, format_table, protocol_label
 
 # Settings that shape the network's weights: a checkpoint only loads into a model built with these.
 MODEL_KEYS = (
@@ -192,7 +192,9 @@ def eval_config(trained: Mapping[str, Any], overrides: Mapping[str, Any]) -> Tup
             notes.append(f"{k}: {cfg[k]!r} (command line, as in training)")
             continue
         note = f"{k}: {before!r} -> {cfg[k]!r} (command line)"
-        if k in MODEL_KEYS and not trained.get("_simplebev_file"):
+        if k == "target_raster":
+            note += "  [ground truth drawn by another rule than in training]"
+        elif k in MODEL_KEYS and not trained.get("_simplebev_file"):
             note += "  [changes the network: the checkpoint may not load]"
         elif k in DATA_KEYS:
             note += "  [differs from training: numbers not comparable to the run's own]"
@@ -431,6 +433,8 @@ def evaluate(
     ckpt_file = find_checkpoint(init_dir, load_step)
     ckpt = load_checkpoint(ckpt_file, map_location="cpu")
     trained, config_source = saved_config(ckpt, ckpt_file)
+    # A run saved before a flag existed was trained with the old behaviour (target_raster: exact).
+    trained, legacy = fill_legacy(trained)
     # Only the weights and the step are needed: let the optimiser state (~2x the weights) go now.
     ckpt = {k: ckpt[k] for k in ("model", "step", "format") if k in ckpt}
     cfg, notes = eval_config(trained, overrides)
@@ -456,6 +460,7 @@ def evaluate(
             notes,
             info,
             say,
+            legacy={k: v for k, v in legacy.items() if k not in overrides},
             viz_every=viz_every,
             max_viz=max_viz,
             viz_only=viz_only,
@@ -504,6 +509,7 @@ def _evaluate(
     info,
     say,
     *,
+    legacy=None,
     viz_every,
     max_viz,
     viz_only,
@@ -517,6 +523,9 @@ def _evaluate(
 ):
     step = int(ckpt.get("step", 0))
     say(f"[eval] checkpoint {ckpt_file} (step {step}); config from {config_source}; compat={cfg.compat}")
+    for k, v in (legacy or {}).items():
+        say(f"[eval] {config_source} has no '{k}' (saved before the flag existed): using {v!r}, "
+            f"what the run was trained with; pass --{k}=... to score it otherwise")
     for note in notes:
         say(f"[eval] override {note}")
     device = info.device
@@ -601,6 +610,7 @@ def _evaluate(
         "device": str(device),
         "precision": precision,
         "batch_size_per_process": per_rank,
+        "target_raster": cfg.target_raster,
         "seconds": wall,
         "samples_per_s": counted / wall if wall > 0 else None,
         "model_samples_per_s": counted / forward_s if forward_s > 0 else None,
@@ -609,16 +619,24 @@ def _evaluate(
     if not viz_only:
         summary["threshold"] = result["threshold"]
         summary["iou"] = {p: result[p]["iou"] for p in PROTOCOLS}
+        raster = cfg.target_raster
         summary["protocols"] = {
             "simplebev": dict(
-                result["simplebev"], description="pixels of visibility-1 boxes (0-40% visible) ignored"
+                result["simplebev"],
+                label=protocol_label("simplebev", raster),
+                description=f"pixels of visibility-1 boxes (0-40% visible) ignored; ground truth from the "
+                f"{raster} target raster",
             ),
-            "lss": dict(result["lss"], description="every box counts, no mask"),
+            "lss": dict(
+                result["lss"],
+                label=protocol_label("lss", raster),
+                description=f"every box counts, no mask; ground truth from the {raster} target raster",
+            ),
         }
 
     if info.is_main:
         if not viz_only:
-            say(format_table(result))
+            say(format_table(result, raster=cfg.target_raster))
         say(
             f"[eval] {counted} samples in {wall:.1f} s: {summary['samples_per_s']:.2f} samples/s "
             f"(model alone {summary['model_samples_per_s'] or 0:.2f})"
@@ -653,10 +671,12 @@ def _write_tensorboard(
     tb_dir = Path(cfg.log_dir) / run_dir.name / "eval"
     writer = SummaryWriter(str(tb_dir))
     try:
+        # The raster is in the tag: numbers scored against different ground truths are separate curves.
+        raster = f"raster_{cfg.target_raster}"
         for protocol in PROTOCOLS if result else ():
-            writer.add_scalar(f"eval/iou_{protocol}", result[protocol]["iou"], step)
+            writer.add_scalar(f"eval/iou_{protocol}_{raster}", result[protocol]["iou"], step)
             for band, r in result[protocol]["bands"].items():
-                writer.add_scalar(f"eval/iou_{protocol}_{band}", r["iou"], step)
+                writer.add_scalar(f"eval/iou_{protocol}_{raster}_{band}", r["iou"], step)
         if summary.get("samples_per_s"):
             writer.add_scalar("eval/samples_per_s", summary["samples_per_s"], step)
         for png in map(Path, pngs):

@@ -169,11 +169,22 @@ class BevIoUEvaluator:
         return result
 
 
-def format_table(result: Dict) -> str:
-    """A small text table of ``BevIoUEvaluator.compute()`` output, IoU in percent."""
+PROTOCOL_LABELS = {"simplebev": "Simple-BEV protocol (vis-1 ignored)", "lss": "LSS protocol (all boxes)"}
+
+
+def protocol_label(protocol: str, raster: str | None = None) -> str:
+    """What a number means: the protocol and, when known, the target raster it was scored against
+    (e.g. 'Simple-BEV protocol (vis-1 ignored), simplebev raster')."""
+    label = PROTOCOL_LABELS[protocol]
+    return f"{label}, {raster} raster" if raster else label
+
+
+def format_table(result: Dict, raster: str | None = None) -> str:
+    """A small text table of ``BevIoUEvaluator.compute()`` output, IoU in percent; ``raster`` (the
+    ``target_raster`` the ground truth was made with) is named in every row."""
     band_names = list(result[PROTOCOLS[0]]["bands"].keys())
     header = ["protocol", "IoU %", "inter", "union"] + [f"{b} %" for b in band_names]
-    labels = {"simplebev": "Simple-BEV (vis>1)", "lss": "LSS (all boxes)"}
+    labels = {p: protocol_label(p, raster) for p in PROTOCOLS}
     rows = []
 
     def pct(iou) -> str:  # a band with no cells of the grid in it (union 0) has no IoU

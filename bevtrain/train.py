@@ -40,7 +40,7 @@ from bevtrain.checkpoint import (
     resolve_resume,
     restore_rng,
 )
-from bevtrain.config import Config, ConfigError, dump_yaml, resolve_config, run_name
+from bevtrain.config import Config, ConfigError, dump_yaml, fill_legacy, resolve_config, run_name
 from bevtrain.convert_simplebev import check_simplebev_settings, convert_weights, simplebev_mode
 from bevtrain.distributed import (
     DistInfo,
@@ -211,10 +211,15 @@ def _resume_config(cfg: Config, flags: Mapping[str, Any], is_main: bool):
     ckpt = load_checkpoint(path)
     # per-launch flags are not inherited from the interrupted launch
     base = {k: v for k, v in (ckpt.get("config") or {}).items() if k not in ("stop_at", "resume", "config")}
+    base, legacy = fill_legacy(base)  # a run saved before a flag existed keeps what it trained with
     new_cfg, _ = resolve_config(flags, base=base)
     changed = {k: (base[k], new_cfg[k]) for k in new_cfg if k in base and base[k] != new_cfg[k]}
     if is_main:
         print(f"[bevtrain] resuming {ckpt.get('run_name')} from {path} (step {ckpt['step']})", flush=True)
+        for k, v in legacy.items():
+            if k not in flags:
+                print(f"[bevtrain]   {k}: the checkpoint predates this flag; using {v!r}, "
+                      f"what it was trained with", flush=True)
         for k, (old, new) in changed.items():
             print(f"[bevtrain]   overriding {k}: {old!r} -> {new!r}", flush=True)
     return new_cfg, ckpt, path
@@ -415,7 +420,8 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
         log_file = open(log_run / "train_log.jsonl", "a")
         say(f"[bevtrain] run {name}: {info.world_size} process(es) on {device}, "
             f"batch {cfg.batch_size} ({B_rank}/rank) x grad_acc {cfg.grad_acc}, "
-            f"precision {dtype or 'fp32'}; logs {log_run}, checkpoints {ckpt_run}")
+            f"precision {dtype or 'fp32'}; {cfg.target_raster} target raster (iou below: Simple-BEV "
+            f"protocol under it); logs {log_run}, checkpoints {ckpt_run}")
 
     def log_record(record: Dict[str, Any]) -> None:
         if is_main:

@@ -1,12 +1,20 @@
 """NuScenes BEV dataset and loader: the per-sample batch contract of README.md.
 
-Frames: the reference frame is the reference camera's frame at its own timestamp (x right, y down,
-z forward). Every transform is composed through the global frame with each sensor's own ego pose,
-so cameras, boxes and sweeps captured at slightly different times stay consistent.
+Frames: the reference frame is the reference camera's frame (x right, y down, z forward). Which
+pose of that camera depends on ``target_raster`` (targets.TARGET_RASTERS):
 
-Camera order: the reference camera is always slot 0 (Simple-BEV's convention; ``cams_T_ref[0]`` is
-the identity unless the BEV mirror is on), the others follow in ``CAMERA_NAMES`` order (validation)
-or in random order (training). ``cam_ids`` gives each slot's index into ``CAMERA_NAMES``.
+- ``simplebev``: the camera mounted on the ego at the LIDAR_TOP keyframe's ego pose (its extrinsics
+  applied to that pose), the frame Simple-BEV's targets live in, so the targets are Simple-BEV's
+  own maps; ``cams_T_ref[0]`` then differs from the identity by the ego motion between the lidar
+  keyframe and the reference image (centimetres);
+- ``exact``: the reference camera at its own timestamp (``cams_T_ref[0]`` is the identity).
+
+Either way every transform is composed through the global frame with each sensor's own ego pose,
+so cameras, boxes and sweeps captured at slightly different times stay consistent with the targets.
+
+Camera order: the reference camera is always slot 0 (Simple-BEV's convention), the others follow
+in ``CAMERA_NAMES`` order (validation) or in random order (training). ``cam_ids`` gives each slot's
+index into ``CAMERA_NAMES``.
 
 Randomness: every random choice of a sample comes from a generator seeded with
 (seed, epoch, index), so augmentation is reproducible whatever the worker count or the order in
@@ -17,6 +25,8 @@ exact, no target change); per sample, a BEV mirror M = diag(sx, 1, sz, 1), sx, s
 the reference frame becomes M @ ref, so cams_T_ref <- cams_T_ref @ M, ref_T_ego <- M @ ref_T_ego,
 points and box corners are mirrored and the target maps are flipped along X / Z (offsets negated
 along the flipped axis). A mirror axis is only used when the grid is symmetric about 0 on it.
+Flipping the maps (rather than rasterising the mirrored boxes) is what Simple-BEV's in-model flips
+amount to: its decoder sees flipped features and is scored on the unflipped rule's maps.
 """
 
 from __future__ import annotations
@@ -98,7 +108,12 @@ class NuScenesBEVDataset(Dataset):
         seed: int = 0,
         fast_decode: bool = True,
         compat: str = "none",
+        target_raster: str = "simplebev",
     ):
+        if target_raster not in targets.TARGET_RASTERS:
+            raise ValueError(
+                f"target_raster={target_raster!r}: use one of {list(targets.TARGET_RASTERS)}"
+            )
         if seqlen != 1:
             raise NotImplementedError(
                 f"seqlen={seqlen}: only single frames (seqlen=1) are supported by the batch contract"
@@ -140,6 +155,7 @@ class NuScenesBEVDataset(Dataset):
         self.fast_decode = fast_decode
         # compat='simplebev': intrinsics in Simple-BEV's convention, and its PIL NEAREST val resize.
         self.compat = compat
+        self.target_raster = target_raster
         self.epoch = 0
         self.vox = geometry.Vox_util(Z, Y, X, scene_centroid=scene_centroid, bounds=bounds)
         # The BEV mirror is an array flip only if the grid is symmetric about 0 on that axis.
@@ -211,8 +227,14 @@ class NuScenesBEVDataset(Dataset):
         global_T_cams = np.stack([c["global_T_ego"] @ c["ego_T_cam"] for c in cams])  # (S,4,4)
         # one matrix at a time: a batched inverse rounds differently (1e-14) from the single one
         cams_T_global = [geometry.rigid_inverse(torch.from_numpy(m)).numpy() for m in global_T_cams]
-        ref_T_global = cams_T_global[0]
-        global_T_ref = global_T_cams[0] @ mirror  # M is its own inverse
+        if self.target_raster == "simplebev":
+            # Simple-BEV's target frame: the reference camera's extrinsics on the lidar keyframe's ego.
+            global_T_ref0 = rec["global_T_ego_lidar"] @ cams[0]["ego_T_cam"]
+            ref_T_global = geometry.rigid_inverse(torch.from_numpy(global_T_ref0)).numpy()
+        else:
+            global_T_ref0 = global_T_cams[0]
+            ref_T_global = cams_T_global[0]
+        global_T_ref = global_T_ref0 @ mirror  # M is its own inverse
         cams_T_ref = np.stack([cam_T_global @ global_T_ref for cam_T_global in cams_T_global])  # (S,4,4)
 
         images = np.empty((len(cam_ids), 3) + tuple(self.final_dim), np.uint8)  # (S,3,H,W)
@@ -243,7 +265,7 @@ class NuScenesBEVDataset(Dataset):
             "ref_T_ego": torch.from_numpy(ref_T_ego.astype(np.float32)),  # (4,4)
             "cam_ids": torch.tensor(cam_ids, dtype=torch.int64),  # (S,)
         }
-        out.update(self._targets(rec, ref_T_global, flip_x, flip_z, mirror))
+        out.update(self._targets(rec, ref_T_global, flip_x, flip_z, mirror, cams[0]["ego_T_cam"]))
         if self.use_radar:
             if self.radar_features == "simplebev":
                 out.update(self._radar_simplebev(rec, cams[0]["ego_T_cam"], mirror))
@@ -256,7 +278,7 @@ class NuScenesBEVDataset(Dataset):
         out["index"] = torch.tensor(index, dtype=torch.int64)
         return out
 
-    def _targets(self, rec, ref_T_global, flip_x, flip_z, mirror) -> dict:
+    def _targets(self, rec, ref_T_global, flip_x, flip_z, mirror, ego_T_refcam) -> dict:
         boxes = rec["boxes"]
         keep = targets.class_mask(boxes["category"], self.classes)
         center = boxes["center"][keep]
@@ -265,7 +287,9 @@ class NuScenesBEVDataset(Dataset):
         corners = corners_g @ rot.T + t  # (N,8,3) ref frame (before the mirror)
         centers = center @ rot.T + t
         vis = boxes["visibility"][keep]
-        seg, valid, ctr, off = targets.bev_targets(corners, centers, vis, self.vox)
+        seg, valid, ctr, off = targets.rasterise(
+            self.target_raster, boxes, keep, ref_T_global, rec["global_T_ego_lidar"], ego_T_refcam, self.vox
+        )
         if flip_x:  # X is the last axis of (C, Z, X)
             seg, valid, ctr, off = (np.flip(a, axis=-1) for a in (seg, valid, ctr, off))
             off = off * np.array([-1.0, 1.0], dtype=np.float32)[:, None, None]

@@ -2,9 +2,21 @@
 
 Grid: the BEV image is (Z, X); cell (row=iz, col=ix) has its centre at
 x = xmin + (ix + 0.5) * dx, z = zmin + (iz + 0.5) * dz (``Vox_util`` conventions), i.e. the continuous
-mem coordinate (ref -> mem) is integer at cell centres. A cell belongs to a footprint when its
-centre lies inside the footprint polygon (filled polygon, exact at any sub-cell position; we do
-not use cv2.fillPoly, which also paints every cell its edges touch, growing boxes by up to a cell).
+mem coordinate (ref -> mem) is integer at cell centres.
+
+Two rasterisers (the ``target_raster`` flag, DESIGN.md §4):
+
+- ``exact`` (``bev_targets``): a cell belongs to a footprint when its centre lies inside the
+  footprint polygon; Gaussian centres at the continuous box centre; offsets from each object cell
+  to that centre, in cells.
+- ``simplebev`` (``simplebev_targets``): Simple-BEV's ``get_seg_bev`` / ``get_center_and_offset_bev``
+  rule, reproduced to the cell: boxes enter the reference camera frame through the LIDAR_TOP
+  keyframe's ego pose and the camera's extrinsics, in float32 with the same operation shapes;
+  the 4 corners with the smallest camera y (the top face) go to mem coordinates, are truncated
+  (``astype(int32)``) and filled with ``cv2.fillPoly``, which paints every cell an edge touches
+  (footprints grow by up to a cell, mostly towards +x/+z). Centres: Gaussian (sigma 3 cells) around
+  the *rounded* mem centre, zeroed below 0.001; offsets: ``2 * (cell - rounded centre)`` on the
+  object's cells (Simple-BEV sums min and max over a Y axis of size one, doubling the vector).
 
 Everything is vectorised per box over a small window around it; no per-pixel Python loops.
 """
@@ -13,11 +25,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import cv2
 import numpy as np
+import torch
 
 from bevtrain.geometry import Vox_util
 
 CENTER_SIGMA = 3.0  # cells
+TARGET_RASTERS = ("simplebev", "exact")
 
 
 def quat_to_rotmat(q_wxyz: np.ndarray) -> np.ndarray:
@@ -138,3 +153,153 @@ def bev_targets(
         np.maximum(center[sl], g, out=center[sl])
 
     return seg[None], valid[None].astype(np.float32), center[None], offset
+
+
+# -- Simple-BEV's rasteriser ---------------------------------------------------------------------------
+# Simple-BEV zeroes Gaussian values below this; exp(-d2 / (2 sigma^2)) >= it only within this many cells.
+_SB_CENTER_FLOOR = 0.001
+
+
+def _sb_apply_4x4(dst_T_src: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
+    """(B,4,4) x (B,N,3) -> (B,N,3) as one homogeneous batched matmul, Simple-BEV's float32 rounding."""
+    xyz1 = torch.cat([xyz, torch.ones_like(xyz[..., :1])], dim=2)  # (B,N,4)
+    return torch.matmul(dst_T_src, xyz1.transpose(1, 2)).transpose(1, 2)[..., :3]
+
+
+def _sb_mem_T_ref(vox: Vox_util) -> torch.Tensor:
+    """(1,4,4) float32 mem_T_ref built as Simple-BEV builds it: scale @ shift-to-first-voxel-centre."""
+    shift = torch.eye(4).unsqueeze(0)
+    scale = torch.eye(4).unsqueeze(0)
+    for axis, (lo, size) in enumerate(
+        ((vox.xmin, vox.vox_size_x), (vox.ymin, vox.vox_size_y), (vox.zmin, vox.vox_size_z))
+    ):
+        shift[0, axis, 3] = -lo - size / 2.0
+        scale[0, axis, axis] = 1.0 / size
+    return torch.matmul(scale, shift)
+
+
+def _sb_box_lengths_and_poses(center_g, wlh, rotation_wxyz, global_T_ego):
+    """Boxes in the ego frame: lengths (N,3) float32 (l, w, h) and ego_T_box (N,4,4) float32."""
+    ego_R_global = global_T_ego[:3, :3].T
+    rot = ego_R_global @ quat_to_rotmat(rotation_wxyz)  # (N,3,3) float64
+    ctr = (np.asarray(center_g, np.float64).reshape(-1, 3) - global_T_ego[:3, 3]) @ ego_R_global.T
+    ego_T_box = np.zeros((len(rot), 4, 4), np.float64)
+    ego_T_box[:, :3, :3] = rot
+    ego_T_box[:, :3, 3] = ctr
+    ego_T_box[:, 3, 3] = 1.0
+    wlh = np.asarray(wlh, np.float64).reshape(-1, 3)
+    lengths = wlh[:, [1, 0, 2]]  # Simple-BEV's lrt lengths: (length, width, height)
+    return torch.from_numpy(lengths).float(), torch.from_numpy(ego_T_box).float()
+
+
+def _sb_box_corners(lengths: torch.Tensor) -> torch.Tensor:
+    """(N,8,3) corners in the box frame, in Simple-BEV's order (x: length, y: width, z: height)."""
+    lx, ly, lz = lengths.unbind(dim=1)
+    sx = torch.tensor([1, 1, -1, -1, 1, 1, -1, -1], dtype=torch.float32)
+    sy = torch.tensor([1, 1, 1, 1, -1, -1, -1, -1], dtype=torch.float32)
+    sz = torch.tensor([1, -1, -1, 1, 1, -1, -1, 1], dtype=torch.float32)
+    half = lambda v: v[:, None] / 2.0  # noqa: E731
+    return torch.stack([half(lx) * sx, half(ly) * sy, half(lz) * sz], dim=2)
+
+
+def simplebev_targets(
+    center_g: np.ndarray,
+    wlh: np.ndarray,
+    rotation_wxyz: np.ndarray,
+    visibility: np.ndarray,
+    global_T_ego: np.ndarray,
+    ego_T_ref: np.ndarray,
+    vox: Vox_util,
+    sigma: float = CENTER_SIGMA,
+):
+    """Simple-BEV's targets of boxes given in the global frame (see the module docstring).
+
+    center_g (N,3), wlh (N,3), rotation_wxyz (N,4): the boxes as annotated (global frame), in
+    annotation order (later boxes own the cells they share with earlier ones); visibility (N,)
+    tokens 1-4; global_T_ego (4,4): the LIDAR_TOP keyframe's ego pose; ego_T_ref (4,4): the
+    reference camera's extrinsics. The maps are in the frame ``inv(ego_T_ref)`` at that ego pose.
+    Returns seg, valid, center (1,Z,X) and offset (2,Z,X), float32.
+    """
+    Z, X = vox.Z, vox.X
+    seg = np.zeros((Z, X))  # float64 canvas holding box id + 1, as Simple-BEV's
+    valid = np.ones((Z, X))
+    center = np.zeros((Z, X), np.float32)
+    offset = np.zeros((2, Z, X), np.float32)
+    n = len(center_g)
+    if n == 0:
+        return seg[None].astype(np.float32), valid[None].astype(np.float32), center[None], offset
+
+    lengths, ego_T_box = _sb_box_lengths_and_poses(center_g, wlh, rotation_wxyz, global_T_ego)
+    # ref_T_ego from the extrinsics alone, inverted as a rigid transform in float32.
+    ref_T_ego = torch.eye(4).unsqueeze(0)
+    ego_R_ref = torch.from_numpy(np.asarray(ego_T_ref, np.float64)[:3, :3]).float().unsqueeze(0)
+    ego_t_ref = torch.from_numpy(np.asarray(ego_T_ref, np.float64)[:3, 3]).float().view(1, 3, 1)
+    ref_T_ego[:, :3, :3] = ego_R_ref.transpose(1, 2)
+    ref_T_ego[:, :3, 3:4] = -torch.matmul(ego_R_ref.transpose(1, 2), ego_t_ref)
+    ref_T_box = torch.matmul(ref_T_ego.repeat(n, 1, 1), ego_T_box)  # (N,4,4)
+
+    corners_ref = _sb_apply_4x4(ref_T_box, _sb_box_corners(lengths))  # (N,8,3)
+    mem_T_ref = _sb_mem_T_ref(vox)
+    corners_mem = _sb_apply_4x4(mem_T_ref, corners_ref.reshape(1, n * 8, 3)).reshape(n, 8, 3)
+    # The top face: the 4 corners highest above the road (camera y points down).
+    top = torch.topk(corners_ref[:, :, 1], 4, dim=1, largest=False).indices  # (N,4)
+    top_xz = torch.gather(corners_mem[:, :, [0, 2]], 1, top[:, :, None].expand(n, 4, 2))
+    # Truncated to int (as astype(int32)) and drawn in Simple-BEV's vertex order: (N,4,2) col,row.
+    polys = np.ascontiguousarray(top_xz.numpy().astype(np.int32)[:, [0, 1, 3, 2]])
+    for i in range(n):
+        cv2.fillPoly(seg, [polys[i]], i + 1.0)
+        if visibility[i] == 1:
+            cv2.fillPoly(valid, [polys[i]], 0.0)
+
+    # Centres: the box origin through the same transforms, then rounded to a cell.
+    centers_mem = _sb_apply_4x4(mem_T_ref, ref_T_box[:, :3, 3].reshape(1, n, 3))[0]  # (N,3)
+    ctr = torch.round(centers_mem[:, [0, 2]]).numpy().astype(np.int64)  # (N,2) col,row
+    inst = seg.astype(np.int64)  # box id + 1 owning each cell, 0 = none
+    rows, cols = np.nonzero(inst)
+    ids = inst[rows, cols] - 1
+    offset[0, rows, cols] = 2.0 * (cols - ctr[ids, 0])
+    offset[1, rows, cols] = 2.0 * (rows - ctr[ids, 1])
+
+    # Gaussians on integer distances, in float32 as Simple-BEV (exp(-d2 / (2 sigma^2))); beyond r
+    # cells every value is below the floor, hence 0, so a window around each centre suffices.
+    two_s2 = 2.0 * sigma * sigma
+    r = int(np.floor(np.sqrt(-np.log(_SB_CENTER_FLOOR) * two_s2)))
+    win = np.arange(-r, r + 1)
+    for c0, r0 in ctr:
+        cs, rs = c0 + win, r0 + win
+        cs, rs = cs[(cs >= 0) & (cs < X)], rs[(rs >= 0) & (rs < Z)]
+        if len(cs) == 0 or len(rs) == 0:
+            continue
+        d2 = torch.from_numpy(((rs[:, None] - r0) ** 2 + (cs[None, :] - c0) ** 2).astype(np.float32))
+        g = torch.exp(-d2 / two_s2).numpy()
+        g[g < np.float32(_SB_CENTER_FLOOR)] = 0.0
+        sl = (slice(rs[0], rs[-1] + 1), slice(cs[0], cs[-1] + 1))
+        np.maximum(center[sl], g, out=center[sl])
+
+    seg = (seg > 0).astype(np.float32)
+    return seg[None], valid[None].astype(np.float32), center[None], offset
+
+
+def rasterise(
+    raster: str,
+    boxes: dict,
+    keep: np.ndarray,
+    ref_T_global: np.ndarray,
+    global_T_ego_lidar: np.ndarray,
+    ego_T_refcam: np.ndarray,
+    vox: Vox_util,
+):
+    """seg, valid, center, offset of a record's boxes (``keep`` selects them) under ``raster``.
+
+    ``exact`` rasterises in ``ref_T_global``'s frame; ``simplebev`` in the reference camera's frame
+    at the LIDAR_TOP keyframe ego pose (the caller's ref frame must be that one for consistency).
+    """
+    if raster not in TARGET_RASTERS:
+        raise ValueError(f"target_raster must be one of {list(TARGET_RASTERS)}, got {raster!r}")
+    center_g, wlh, rot = boxes["center"][keep], boxes["wlh"][keep], boxes["rotation"][keep]
+    vis = boxes["visibility"][keep]
+    if raster == "simplebev":
+        return simplebev_targets(center_g, wlh, rot, vis, global_T_ego_lidar, ego_T_refcam, vox)
+    corners = box_corners(center_g, wlh, rot) @ ref_T_global[:3, :3].T + ref_T_global[:3, 3]
+    centers = center_g @ ref_T_global[:3, :3].T + ref_T_global[:3, 3]
+    return bev_targets(corners, centers, vis, vox)
