@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bevtrain.config import DEFAULTS, FLAGS, ConfigError, format_lr, resolve_config, run_name
+from bevtrain.config import DEFAULTS, FLAGS, ConfigError, fill_legacy, format_lr, resolve_config, run_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,6 +50,24 @@ def test_rgb_preset_is_the_paper_recipe():
     cfg, _ = resolve_config({"config": str(REPO / "configs/rgb.yaml")})
     assert (cfg.encoder_type, cfg.res_scale, cfg.ncams, cfg.batch_size, cfg.grad_acc, cfg.max_iters) == (
         "res101", 2, 6, 8, 5, 25000)
+
+
+@pytest.mark.parametrize("preset", ["rgb", "radar", "lidar"])
+def test_paper_presets_and_default_use_simplebevs_targets(preset):
+    assert DEFAULTS["target_raster"] == "simplebev"
+    text = (REPO / "configs" / f"{preset}.yaml").read_text()
+    assert yaml.safe_load(text)["target_raster"] == "simplebev"  # stated, not only inherited
+    with pytest.raises(ConfigError, match=r"'target_raster' must be one of \['simplebev', 'exact'\]"):
+        resolve_config({"config": str(REPO / "configs" / f"{preset}.yaml"), "target_raster": "fillpoly"})
+
+
+def test_configs_saved_before_target_raster_mean_exact():
+    old = {k: v for k, v in DEFAULTS.items() if k != "target_raster"}
+    filled, legacy = fill_legacy(old)
+    assert filled["target_raster"] == "exact" and legacy == {"target_raster": "exact"}
+    assert fill_legacy(DEFAULTS) == (dict(DEFAULTS), {})
+    cfg, _ = resolve_config({}, base=filled)
+    assert cfg.target_raster == "exact"
 
 
 def test_unknown_flag_and_yaml_key_suggest_closest(tmp_path):

@@ -259,3 +259,41 @@ def test_two_ranks_give_the_single_process_numbers(trained_run, tmp_path):
     assert all(Path(p).is_file() for p in pngs)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["samples"] == single["samples"]
+
+
+def test_target_raster_is_recorded_and_old_checkpoints_keep_exact(trained_run, tmp_path, capsys):
+    run_dir, _ = trained_run
+    kw = dict(viz_every=0, tensorboard=False, nworkers=0)
+
+    def run(init_dir, name, **flags):
+        evaluate(init_dir=str(init_dir), metrics_path=str(tmp_path / name), **kw, **flags)
+        return json.loads((tmp_path / name).read_text()), capsys.readouterr().out
+
+    # Trained with the default: evaluated with it, and every number names it.
+    sb, out = run(run_dir, "sb.json")
+    assert sb["config"]["target_raster"] == sb["target_raster"] == "simplebev"
+    for protocol in ("simplebev", "lss"):
+        assert sb["protocols"][protocol]["label"].endswith(", simplebev raster")
+        assert "simplebev target raster" in sb["protocols"][protocol]["description"]
+    assert "Simple-BEV protocol (vis-1 ignored), simplebev raster" in out
+    assert "LSS protocol (all boxes), simplebev raster" in out
+
+    # A checkpoint saved before the flag existed was trained on the exact raster: use it, say so once.
+    ckpt = torch.load(find_checkpoint(str(run_dir)), weights_only=True)
+    del ckpt["config"]["target_raster"]
+    old = tmp_path / "old_run"
+    old.mkdir()
+    torch.save(ckpt, old / "model-000000002.pth")
+    legacy, out = run(old, "old.json")
+    assert legacy["target_raster"] == "exact"
+    assert legacy["protocols"]["lss"]["label"].endswith(", exact raster")
+    assert out.count("has no 'target_raster' (saved before the flag existed): using 'exact'") == 1
+    assert "exact raster" in out and "simplebev raster" not in out
+    # Same weights, other ground truth: other counts.
+    assert legacy["protocols"]["lss"]["union"] != sb["protocols"]["lss"]["union"]
+    # The flag overrides it, and the override says the ground truth differs from training's.
+    again, out = run(old, "old_sb.json", target_raster="simplebev")
+    assert again["target_raster"] == "simplebev" and "has no 'target_raster'" not in out
+    assert any("another rule than in training" in n for n in again["overrides"])
+    for protocol in ("simplebev", "lss"):
+        assert again["protocols"][protocol]["union"] == sb["protocols"][protocol]["union"]
