@@ -106,6 +106,10 @@ FLAGS: Tuple[Flag, ...] = (
     _f("stop_at", 0, "stop with a checkpoint after this step (0 = run to max_iters); resume later"),
     _f("seed", 0, "random seed (model init, sampler, augmentation)"),
     _f("deterministic", False, "deterministic algorithms (slower on GPU)"),
+    _f("compile", False, "torch.compile the model for training and evaluation (first steps slower while "
+       "it compiles; off until measured faster: benchmarks/gpu.py)"),
+    _f("compile_backend", "inductor", "torch.compile backend with compile=True: inductor (fast code), "
+       "or eager / aot_eager (trace only: checks that the model compiles, no speed-up)"),
     _f("encoder_weights", "imagenet", "'imagenet' (torchvision's ImageNet weights from the torch hub cache, "
        "downloaded when missing; a run stops before training if neither works), 'none' (random init), "
        "or a path to a state dict"),

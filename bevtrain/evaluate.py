@@ -39,6 +39,8 @@ from bevtrain.build import (
     build_dataset,
     build_model,
     build_vox_util,
+    compile_model,
+    configure_cuda,
     forward,
     resolve_data_dir,
     to_device,
@@ -532,6 +534,9 @@ def _evaluate(
     cfg = resolve_data_dir(cfg, announce=info.is_main)
     check_val_split(cfg)
     model = _build_model_from_checkpoint(cfg, ckpt, ckpt_file, trained).to(device).eval()
+    configure_cuda(device, cfg.deterministic)
+    if cfg.compile:
+        model = compile_model(model, cfg.compile_backend)
     try:
         ds = build_dataset(cfg, split=split, is_train=False)
     except (ValueError, KeyError, FileNotFoundError) as e:

@@ -302,12 +302,7 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
     seed_everything(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    build.configure_cuda(device, cfg.deterministic)
 
     if ckpt is not None:
         name = ckpt["run_name"]
@@ -392,6 +387,8 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
     if info.distributed:
         ddp_ids = [device.index] if device.type == "cuda" else None
         model = DDP(model, device_ids=ddp_ids, find_unused_parameters=cfg.find_unused_parameters)
+    if cfg.compile:  # after DDP, so that DDP's bucket hooks are compiled around (torch's advice)
+        model = build.compile_model(model, cfg.compile_backend)
 
     # ---- data position, then RNG: the resumed run continues the same random streams --------------
     train_cursor = LoaderCursor(train_loader, **data_pos.get("train", {}))
