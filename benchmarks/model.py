@@ -1,19 +1,27 @@
 """Segnet forward+backward speed and peak memory, sparse lift vs the grid_sample reference lift.
 
 Settings:
-  paper: res101, 448x800 images, 6 cameras, batch 1, Z/Y/X 200/8/200 (Simple-BEV's paper setting)
-  cpu:   res18, res_scale 0.5 -> 112x200 images, 6 cameras, batch 1, 200/8/200
-Modes: fp32, bf16 (autocast), channels_last (fp32), bf16_channels_last.
+  paper: res101, 448x800 images, 6 cameras, Z/Y/X 200/8/200 (Simple-BEV's paper setting)
+  cpu:   res18, res_scale 0.5 -> 112x200 images, 6 cameras, 200/8/200
+  tiny:  res18, 56x100 images, 6 cameras, 32/4/32 (checks the code paths in seconds: no figure)
+Modes: fp32, bf16 (autocast), channels_last (fp32), bf16_channels_last, bf16_compile
+(torch.compile, backend --compile_backend). Batch 1 unless --batch; --optimizer adds
+gradient clipping and an AdamW step, as one training step does. On CUDA the training loop's
+defaults apply (bevtrain.build.configure_cuda: cudnn.benchmark, TF32 for fp32 work).
 
 "ms/iter" is the median wall time; "cpu ms" the median CPU time of all threads (on a shared
 machine it is the steadier number). Every (setting, mode, lift) runs in its own subprocess so
 that peak memory is its own: CUDA ``max_memory_allocated`` on GPU, peak resident set size
-(ru_maxrss) on CPU. Inputs are a
+(ru_maxrss) on CPU. A row that fails (out of memory, a compile error, a crash, its --row_timeout)
+is reported as such and the others still run; --budget stops timing a row after that many
+seconds (at least one timed iteration). "first ms" is the first step (compilation, cudnn's
+algorithm search). Inputs are a
 nuScenes-like ring of six cameras with random images and random targets; timings include the
 loss and the backward pass, not data loading.
 
   python benchmarks/model.py --settings cpu --iters 3
   python benchmarks/model.py --settings cpu,paper --modes fp32 --iters 1 --json out.json
+  python benchmarks/model.py --settings paper --batch 8 --optimizer --modes bf16,bf16_compile
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import json
 import math
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -32,16 +41,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bevtrain.build import compile_model, configure_cuda  # noqa: E402
 from bevtrain.geometry import Vox_util, pad_intrinsics, rigid_inverse  # noqa: E402
 from bevtrain.losses import compute_losses  # noqa: E402
 from bevtrain.model import Segnet  # noqa: E402
 from bevtrain.model.segnet import LIFTS  # noqa: E402
 
 SETTINGS = {
-    "paper": dict(encoder_type="res101", H=448, W=800),
-    "cpu": dict(encoder_type="res18", H=112, W=200),
+    "paper": dict(encoder_type="res101", H=448, W=800, grid=(200, 8, 200)),
+    "cpu": dict(encoder_type="res18", H=112, W=200, grid=(200, 8, 200)),
+    "tiny": dict(encoder_type="res18", H=56, W=100, grid=(32, 4, 32)),
 }
-MODES = ("fp32", "bf16", "channels_last", "bf16_channels_last")
+MODES = ("fp32", "bf16", "channels_last", "bf16_channels_last", "bf16_compile")
 # nuScenes camera yaws (degrees, left positive) in the dataset's camera order; CAM_FRONT is ref.
 CAMERA_YAWS = (55.0, 0.0, -55.0, 110.0, 180.0, -110.0)
 
@@ -82,10 +93,22 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def run_one(setting: str, mode: str, lift: str, iters: int, warmup: int, device_name: str) -> dict:
+def run_one(
+    setting: str,
+    mode: str,
+    lift: str,
+    iters: int,
+    warmup: int,
+    device_name: str,
+    batch: int = 1,
+    optimizer: bool = False,
+    budget_s: float = 0.0,
+    compile_backend: str = "inductor",
+) -> dict:
     device = torch.device(device_name)
+    configure_cuda(device)
     cfg = SETTINGS[setting]
-    Z, Y, X, B = 200, 8, 200, 1
+    (Z, Y, X), B = cfg["grid"], batch
     torch.manual_seed(0)
     vox_util = Vox_util(Z, Y, X)
     model = Segnet(
@@ -96,18 +119,23 @@ def run_one(setting: str, mode: str, lift: str, iters: int, warmup: int, device_
         model = model.to(memory_format=torch.channels_last)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
+    run_model = compile_model(model, compile_backend) if mode.endswith("_compile") else model
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=1e-7) if optimizer else None
     pix_T_cams, cams_T_ref = nuscenes_like_rig(B, cfg["H"], cfg["W"])
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (B, 6, 3, cfg["H"], cfg["W"]), dtype=torch.uint8, generator=g)
     images, pix_T_cams, cams_T_ref = images.to(device), pix_T_cams.to(device), cams_T_ref.to(device)
-    batch = random_batch(B, Z, X, device)
+    targets = random_batch(B, Z, X, device)
     use_bf16 = mode.startswith("bf16")
 
     def step():
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = model(images, pix_T_cams, cams_T_ref)
-            total, _ = compute_losses(out, batch, model)
+            out = run_model(images, pix_T_cams, cams_T_ref)
+        total, _ = compute_losses(out, targets, model)
         total.backward()
+        if opt is not None:  # as the training loop: clip at 5, AdamW step
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
         model.zero_grad(set_to_none=True)
 
     def sync():
@@ -117,34 +145,94 @@ def run_one(setting: str, mode: str, lift: str, iters: int, warmup: int, device_
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base_mb = peak_memory_mb(device)
-    for _ in range(warmup):
+    t_first = time.perf_counter()
+    for i in range(max(warmup, 1)):
         step()
-    sync()
+        sync()
+        if i == 0:
+            first_s = time.perf_counter() - t_first
     times, cpu_times = [], []
+    t_timed = time.perf_counter()
     for _ in range(iters):
         t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
+        if budget_s and time.perf_counter() - t_timed > budget_s:
+            break
+    ms = 1000.0 * sorted(times)[len(times) // 2]
+    compiled = {}
+    if run_model is not model:
+        from torch._dynamo.utils import counters
+
+        compiled = dict(compiled_graphs=int(counters["stats"]["unique_graphs"]),
+                        graph_breaks=int(sum(counters["graph_break"].values())))
     return dict(
         setting=setting,
         mode=mode,
         lift=lift,
         encoder_type=cfg["encoder_type"],
         image_hw=[cfg["H"], cfg["W"]],
+        grid=list(cfg["grid"]),
+        batch=B,
+        optimizer=optimizer,
         params_m=n_params / 1e6,
-        iters=iters,
-        warmup=warmup,
-        ms_per_iter=1000.0 * sorted(times)[len(times) // 2],
+        iters=len(times),
+        warmup=max(warmup, 1),
+        ms_per_iter=ms,
         ms_min=1000.0 * min(times),
+        first_ms=1000.0 * first_s,
+        samples_per_s=1000.0 * B / ms,
         # CPU seconds of all threads: on a shared machine this moves less than wall time.
         cpu_ms_per_iter=1000.0 * sorted(cpu_times)[len(cpu_times) // 2],
         peak_mem_mb=peak_memory_mb(device),
         mem_before_mb=base_mb,
         device=str(device),
         threads=torch.get_num_threads(),
+        **compiled,
     )
+
+
+def _child_failure(exc: BaseException) -> str:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "out of memory"
+    first = str(exc).strip().splitlines()[:1] or [""]
+    return f"{type(exc).__name__}: {first[0][:300]}"
+
+
+def run_row(spec: dict, device: str, timeout_s: float = 0.0, threads: int = 0, log: str = "") -> dict:
+    """One (setting, mode, lift) in its own process: run_one's result, or the spec plus an
+    ``error`` (out of memory, compile failure, crash, timeout) instead of raising. ``log``: a file
+    to append the command and the child's output to."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--device", device, "--_child", json.dumps(spec)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    t0 = time.perf_counter()
+    # own process group: a timeout also ends the compiler's worker processes
+    child = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = child.communicate(timeout=timeout_s or None)
+        proc = subprocess.CompletedProcess(cmd, child.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, err = child.communicate()
+        proc = subprocess.CompletedProcess(cmd, None, out, err)
+    wall = time.perf_counter() - t0
+    if log:
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}[rc={proc.returncode}, {wall:.1f} s]\n\n")
+    if proc.returncode is None:
+        return dict(spec, error=f"timed out after {timeout_s:.0f} s", wall_s=wall)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        return dict(spec, error=f"rc={proc.returncode}: {tail[0][:300]}", wall_s=wall)
+    return dict(spec, **result, wall_s=wall)
 
 
 def lift_only(device_name: str, H: int, W: int, iters: int) -> dict:
@@ -181,6 +269,11 @@ def main():
     parser.add_argument("--lifts", default="sparse,reference", help=f"comma list of {', '.join(LIFTS)}")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1, help="samples per step")
+    parser.add_argument("--optimizer", action="store_true", help="add clipping and an AdamW step")
+    parser.add_argument("--budget", type=float, default=0.0, help="stop timing a row after N s (0: none)")
+    parser.add_argument("--row_timeout", type=float, default=0.0, help="kill a row after N s (0: none)")
+    parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend (bf16_compile)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--lift-only", action="store_true", help="also time the lift alone per setting")
@@ -194,7 +287,14 @@ def main():
 
     if args._child:
         spec = json.loads(args._child)
-        print(json.dumps(run_one(device_name=device, **spec)))
+        try:
+            result = run_one(device_name=device, **spec)
+        except Exception as exc:  # reported as a row; the parent carries on
+            import traceback
+
+            traceback.print_exc()
+            result = {"error": _child_failure(exc)}
+        print(json.dumps(result))
         return
 
     settings = [s for s in args.settings.split(",") if s]
@@ -212,17 +312,13 @@ def main():
     for setting in settings:
         for mode in modes:
             for lift in lifts:
-                spec = dict(setting=setting, mode=mode, lift=lift, iters=args.iters, warmup=args.warmup)
-                cmd = [sys.executable, os.path.abspath(__file__), "--device", device]
-                cmd += ["--_child", json.dumps(spec)]
-                if args.threads:
-                    cmd += ["--threads", str(args.threads)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
-                    print(f"{setting:7} {mode:19} {lift:9} FAILED rc={proc.returncode}: {tail[0]}")
+                spec = dict(setting=setting, mode=mode, lift=lift, iters=args.iters, warmup=args.warmup,
+                            batch=args.batch, optimizer=args.optimizer, budget_s=args.budget,
+                            compile_backend=args.compile_backend)
+                r = run_row(spec, device, args.row_timeout, args.threads)
+                if "error" in r:
+                    print(f"{setting:7} {mode:19} {lift:9} FAILED: {r['error']}")
                     continue
-                r = json.loads(proc.stdout.strip().splitlines()[-1])
                 results.append(r)
                 print(
                     f"{setting:7} {mode:19} {lift:9} {r['params_m']:6.2f}M {r['ms_per_iter']:9.1f} "
