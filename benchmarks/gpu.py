@@ -76,7 +76,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         model=dict(setting="paper", batch=8, iters=20, warmup=2, row_budget_s=5.0, row_timeout_s=75.0,
                    compile_timeout_s=150.0, compile_backend="inductor", stage_s=300.0, threads=0),
         train=dict(steps=60, warmup_steps=10, log_freq=10, flags=dict(), grace_s=45.0),
-        eval=dict(batch_size=8, stage_s=90.0),
+        eval=dict(batch_size=8, stage_s=90.0, min_s=30.0),
         budget_s=450.0,
     ),
     "dry": dict(
@@ -87,7 +87,7 @@ PROFILES: Dict[str, Dict[str, Any]] = {
         train=dict(steps=3, warmup_steps=1, log_freq=1, grace_s=60.0,
                    flags=dict(encoder_type="res18", res_scale=0.25, Z=32, Y=4, X=32, latent_dim=32,
                               batch_size=2, grad_acc=2)),
-        eval=dict(batch_size=2, stage_s=180.0),
+        eval=dict(batch_size=2, stage_s=180.0, min_s=120.0),
         budget_s=1800.0,
     ),
 }
@@ -439,7 +439,7 @@ class Bench:
             return
         kwargs = dict(init_dir=ckpt_run, batch_size=ep["batch_size"], nworkers=self.cores, viz_every=0,
                       max_viz=0, tensorboard=False, metrics_path=str(self.work / "eval_metrics.json"))
-        limit = max(min(ep["stage_s"], self.left("eval")), 20.0)
+        limit = max(min(ep["stage_s"], self.left("eval")), ep["min_s"])
         say(f"[gpu-bench] eval: val split, batch {ep['batch_size']}, nworkers {self.cores} "
             f"(limit {limit:.0f} s)")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_stage", "eval", "--_spec",
