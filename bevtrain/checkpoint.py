@@ -11,7 +11,12 @@ and primitive values only, so it loads with ``torch.load(weights_only=True)``:
     rng          list (one per rank) of {'python', 'numpy', 'torch', 'cuda'} states as tensors
     data         {'train': {'epoch', 'consumed'}, 'val': {'epoch', 'consumed'}}: loader positions
     config       the resolved config (dict of primitives)
+    val_pending  True when the run stopped during the validation due at ``step``: the val cursor and
+                 RNG are those from before it, and a resumed run redoes it before the next step
     run_name     the run's name; version: code version string; world_size; nonfinite_total
+
+Temp files of a save cut short by ``kill -9`` (``.model-*.pth.tmp.<host>.<pid>``) are never listed
+as checkpoints and are removed by the next start once their process is gone.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import socket
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Sequence, Union
 
@@ -70,7 +76,11 @@ def resolve_resume(resume: Union[bool, str], ckpt_dir: PathLike) -> Path:
     if resume is True:
         run = newest_run(ckpt_dir)
         if run is None:
-            raise CheckpointError(f"--resume=True: no run with checkpoints found in {ckpt_dir}")
+            root = Path(ckpt_dir)
+            empty = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            detail = (f"; run folders there without a completed checkpoint: {_short(empty, 4)} "
+                      f"({NO_CHECKPOINT_WHY}); start a new run without --resume") if empty else ""
+            raise CheckpointError(f"--resume=True: no run with checkpoints found in {ckpt_dir}{detail}")
         return latest_checkpoint(run)
     p = Path(str(resume))
     if p.is_file():
@@ -79,7 +89,10 @@ def resolve_resume(resume: Union[bool, str], ckpt_dir: PathLike) -> Path:
         if run.is_dir():
             last = latest_checkpoint(run)
             if last is None:
-                raise CheckpointError(f"--resume={resume}: no model-*.pth checkpoint in {run}")
+                raise CheckpointError(
+                    f"--resume={resume}: no model-*.pth checkpoint in {run} ({NO_CHECKPOINT_WHY}); "
+                    f"start a new run without --resume"
+                )
             return last
     raise CheckpointError(
         f"--resume={resume}: not a checkpoint file, a run folder, or a run name in {ckpt_dir}"
@@ -111,12 +124,58 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Temp files are named .<file>.tmp.<host>.<pid>: a later start can tell a dead writer's leftovers
+# (same host, no such process) from a save in progress, also with ckpt_dir on a shared filesystem.
+TEMP_RE = re.compile(r"^\..+\.tmp\.(?:(?P<host>.+)\.)?(?P<pid>\d+)$")
+NO_CHECKPOINT_WHY = "stopped before its first checkpoint, or killed while writing it"
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def stale_temp_files(folder: PathLike) -> List[Path]:
+    """Temp files in ``folder`` left by a save whose process is gone (killed mid-write). Files of
+    live writers, or written on another host, are not listed."""
+    folder, host = Path(folder), socket.gethostname()
+    if not folder.is_dir():
+        return []
+    stale = []
+    for p in folder.iterdir():
+        m = TEMP_RE.match(p.name)
+        if m and m.group("host") in (None, host) and not _pid_alive(int(m.group("pid"))):
+            stale.append(p)
+    return sorted(stale)
+
+
+def remove_stale_temp_files(ckpt_dir: PathLike) -> List[Path]:
+    """Delete the stale temp files of every run in ``ckpt_dir`` (and in it); returns them."""
+    root = Path(ckpt_dir)
+    folders = [root] + (sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else [])
+    removed = []
+    for folder in folders:
+        for p in stale_temp_files(folder):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def atomic_save(obj: Any, path: PathLike) -> Path:
     """torch.save to a temp file in the same folder, fsync, then os.replace: a reader (or a
     crash at any moment) sees either the old state or the complete new file, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp = _temp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -177,7 +236,7 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.keep_latest = max(1, int(keep_latest))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.run_dir.glob(".model-*.pth.tmp.*"):  # left by a killed writer
+        for stale in stale_temp_files(self.run_dir):  # left by a killed writer
             stale.unlink(missing_ok=True)
 
     def save(self, state: Dict[str, Any], step: int) -> Path:

@@ -104,6 +104,8 @@ FLAGS: Tuple[Flag, ...] = (
     _f("resume", "", "continue a run: True = the newest run in ckpt_dir, or a run folder / "
        "run name / .pth file", kind="resume"),
     _f("stop_at", 0, "stop with a checkpoint after this step (0 = run to max_iters); resume later"),
+    _f("signal_exit_code", 75, "exit code after SIGINT/SIGTERM stopped the run with a checkpoint of the last "
+       "completed step (75 = EX_TEMPFAIL: stopped early, resumable; pick what your scheduler requeues on)"),
     _f("seed", 0, "random seed (model init, sampler, augmentation)"),
     _f("deterministic", False, "deterministic algorithms (slower on GPU)"),
     _f("compile", False, "torch.compile the model for training and evaluation (first steps slower while "
@@ -183,9 +185,38 @@ class Config(dict):
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.items()}
 
 
+# Names other trainers use for our flags: an unknown name is matched against these too, so
+# --learning_rate (or the typo lerning_rate) suggests 'lr' rather than a flag that merely looks alike.
+ALIASES: Dict[str, str] = {
+    "learning_rate": "lr",
+    "base_lr": "lr",
+    "num_workers": "nworkers",
+    "workers": "nworkers",
+    "num_iters": "max_iters",
+    "max_steps": "max_iters",
+    "iterations": "max_iters",
+    "gradient_accumulation_steps": "grad_acc",
+    "accumulate_grad_batches": "grad_acc",
+    "checkpoint_dir": "ckpt_dir",
+    "output_dir": "ckpt_dir",
+    "logdir": "log_dir",
+    "dataroot": "data_dir",
+    "backbone": "encoder_type",
+    "clip_grad_norm": "grad_clip",
+    "eval_freq": "val_freq",
+    "checkpoint_freq": "save_freq",
+    "precision": "amp",
+    "mixed_precision": "amp",
+}
+
+
 def suggest(name: str, known: Iterable[str] = FLAG_BY_NAME) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
+    known = list(known)
+    candidates = known + [a for a, target in ALIASES.items() if target in known]
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    if not close:
+        return ""
+    return f"; did you mean '{ALIASES.get(close[0], close[0])}'?"
 
 
 def _type_error(name: str, where: str, flag: Flag, value: Any) -> ConfigError:
@@ -300,8 +331,15 @@ def _check_consistency(cfg: Config) -> None:
     for name in ("nworkers", "stop_at", "viz_freq", "max_nonfinite", "synthetic_keyframes"):
         if cfg[name] < 0:
             raise ConfigError(f"flag '{name}' must be >= 0, got {cfg[name]}")
-    if not cfg.lr > 0 or cfg.res_scale <= 0 or cfg.weight_decay < 0 or cfg.grad_clip < 0:
-        raise ConfigError("flags 'lr' and 'res_scale' must be > 0; 'weight_decay', 'grad_clip' >= 0")
+    for name in ("lr", "res_scale"):
+        if not cfg[name] > 0:  # also refuses nan
+            raise ConfigError(f"flag '{name}' must be > 0, got {cfg[name]}")
+    for name in ("weight_decay", "grad_clip"):
+        if not cfg[name] >= 0:
+            raise ConfigError(f"flag '{name}' must be >= 0, got {cfg[name]}")
+    if not 1 <= cfg.signal_exit_code <= 255:
+        raise ConfigError(f"flag 'signal_exit_code' must be in [1, 255] (0 means finished), "
+                          f"got {cfg.signal_exit_code}")
     if not 0 < cfg.pct_start < 1:
         raise ConfigError(f"flag 'pct_start' must be in (0, 1), got {cfg.pct_start}")
     if not 0 <= cfg.refcam_id < cfg.ncams:

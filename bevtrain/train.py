@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shlex
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
@@ -32,7 +34,6 @@ from bevtrain.checkpoint import (
     CheckpointError,
     CheckpointManager,
     capture_rng,
-    checkpoint_path,
     is_simplebev,
     load_checkpoint,
     load_weights,
@@ -42,6 +43,7 @@ from bevtrain.checkpoint import (
 )
 from bevtrain.config import Config, ConfigError, dump_yaml, fill_legacy, resolve_config, run_name
 from bevtrain.convert_simplebev import check_simplebev_settings, convert_weights, simplebev_mode
+from bevtrain.data.dataset import worker_signals_held
 from bevtrain.distributed import (
     DistInfo,
     all_gather_object,
@@ -59,6 +61,16 @@ from bevtrain.model.encoders import ensure_backbone_weights
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite steps in a row; a checkpoint of the last good state was written."""
+
+
+class StoppedBySignal(SystemExit):
+    """SIGINT (Ctrl-C) or SIGTERM (pre-emption) stopped the run after it saved the last completed
+    step (nothing is saved when no step completed). Its exit code, ``--signal_exit_code`` (default
+    75, EX_TEMPFAIL), means "stopped early, resumable"; ``summary`` is what main() returns otherwise."""
+
+    def __init__(self, summary: Dict[str, Any]):
+        super().__init__(summary["exit_code"])
+        self.summary = summary
 
 
 # -- small helpers ---------------------------------------------------------------------------------
@@ -137,7 +149,8 @@ class LoaderCursor:
             sampler.set_epoch(self.epoch)
             return iter(())  # the epoch was used up: roll over on the next call, as the run did
         sampler.set_epoch(self.epoch, skip=self.consumed * self.loader.batch_size)
-        return iter(self.loader)
+        with worker_signals_held():  # workers start here (persistent: the first time only)
+            return iter(self.loader)
 
     def next(self):
         try:
@@ -153,25 +166,108 @@ class LoaderCursor:
         return {"epoch": self.epoch, "consumed": self.consumed}
 
 
-class _StopRequest:
-    """SIGTERM (cluster pre-emption) asks the loop to checkpoint and stop at the next step end."""
+class _StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (pre-emption; both sent to the whole process group) ask the run to
+    stop. The handler only records the first signal and never raises, so nothing is cut midway:
+    not a checkpoint being written (a second signal then changes nothing), not an optimiser update.
+    The loop acts on it at safe points. Loader workers ignore both (data.dataset._worker_init)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum = None
+        self._previous: Dict[int, Any] = {}
 
     def install(self) -> None:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with whoever owns it
+                pass
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        if self.signum is None:
+            self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
 
     def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+
+class _StopNow(Exception):
+    """A single-process run reached a safe point after a stop signal."""
+
+
+@dataclass
+class _SafePoint:
+    """What a checkpoint written now holds besides weights, optimiser, schedule and scaler (which only
+    the optimiser update changes): RNG states and loader positions as of the last completed step, and
+    whether the validation due at that step is still to do. ``buffers``: the model's buffers
+    (BatchNorm statistics) at the start of the step in progress, whose forwards change them; None
+    when the live buffers are the completed step's."""
+
+    rng: Dict[str, Any]
+    train_pos: Dict[str, int]
+    val_pos: Dict[str, int] | None
+    val_pending: bool = False
+    buffers: List[torch.Tensor] | None = None
+
+
+class _TestSignal:
+    """``BEVTRAIN_TEST_SIGNAL=point:step:index:SIGNAME`` sends SIGNAME once, at an exact point of the
+    loop, to this process's group (this process alone unless it leads its group), so tests can
+    interrupt where they mean to. Points: ``micro`` (before micro-batch ``index`` of step ``step``,
+    steps counted from 1 as logged), ``update`` (before the optimiser update of ``step``), ``val``
+    (before val batch ``index`` of the validation at ``step``), ``save`` (as the checkpoint of
+    ``step`` starts being written)."""
+
+    def __init__(self, spec: str):
+        self.when = self.sig = None
+        if spec:
+            try:
+                point, step, index, name = spec.split(":")
+                self.when, self.sig = (point, int(step), int(index)), signal.Signals[name]
+            except (ValueError, KeyError):
+                raise ValueError(f"BEVTRAIN_TEST_SIGNAL={spec!r}: expected point:step:index:SIGNAME, "
+                                 f"e.g. micro:3:1:SIGTERM") from None
+
+    def __call__(self, point: str, step: int, index: int = 0) -> None:
+        if self.when == (point, step, index):
+            self.when = None
+            if os.getpgrp() == os.getpid():
+                os.killpg(os.getpgrp(), self.sig)
+            else:
+                os.kill(os.getpid(), self.sig)
+
+
+def _trim_log(path: Path, step: int, val_pending: bool) -> None:
+    """Drop the records a launch killed after its last checkpoint wrote past it (what TensorBoard's
+    purge_step does for events), so a resumed run's log reads as one uninterrupted run."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+        s = rec.get("step", 0)
+        if s < step or (s == step and not (val_pending and rec.get("split") == "val")):
+            keep.append(line)
+    if len(keep) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
 
 
 # -- run folders -----------------------------------------------------------------------------------
@@ -196,13 +292,17 @@ def write_run_info(folders: List[Path], cfg: Config, version: str, step: int) ->
 
 # -- the run -----------------------------------------------------------------------------------------
 def main(**flags) -> Dict[str, Any]:
-    """Train with Simple-BEV's flags (see bevtrain.config.FLAGS). Returns a summary dict."""
+    """Train with Simple-BEV's flags (see bevtrain.config.FLAGS). Returns a summary dict; raises
+    StoppedBySignal (a SystemExit with --signal_exit_code) when SIGINT/SIGTERM stopped the run."""
     cfg, _ = resolve_config(flags)
     info = init_distributed(cfg.device, cfg.device_ids)
     try:
-        return train(cfg, flags, info)
+        summary = train(cfg, flags, info)
     finally:
         cleanup()
+    if summary["status"] == "signalled":
+        raise StoppedBySignal(summary)
+    return summary
 
 
 def _resume_config(cfg: Config, flags: Mapping[str, Any], is_main: bool):
@@ -343,7 +443,7 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
 
-    step, data_pos, nonfinite_total = 0, {}, 0
+    step, data_pos, nonfinite_total, val_pending = 0, {}, 0, False
     if ckpt is not None:
         load_weights(raw_model, ckpt["model"], source=ckpt_file)
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -352,6 +452,7 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
         if scaler.is_enabled() and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step, nonfinite_total = int(ckpt["step"]), int(ckpt.get("nonfinite_total", 0))
+        val_pending = bool(ckpt.get("val_pending", False))
         same_layout = (ckpt.get("world_size") == info.world_size
                        and ckpt.get("config", {}).get("batch_size") == cfg.batch_size)
         data_pos = ckpt.get("data") or {}
@@ -390,189 +491,233 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
     if cfg.compile:  # after DDP, so that DDP's bucket hooks are compiled around (torch's advice)
         model = build.compile_model(model, cfg.compile_backend)
 
-    # ---- data position, then RNG: the resumed run continues the same random streams --------------
-    train_cursor = LoaderCursor(train_loader, **data_pos.get("train", {}))
-    val_cursor = LoaderCursor(val_loader, **data_pos.get("val", {})) if val_loader is not None else None
-    if ckpt is not None:
-        rng = ckpt.get("rng") or []
-        if len(rng) == info.world_size:
-            restore_rng(rng[info.rank])
-        else:
-            seed_everything(cfg.seed + info.rank + 1000003 * step)
-            say("[bevtrain] RNG states for this world size not in the checkpoint: reseeded")
-        del ckpt
-
-    # ---- run folders, writers ----------------------------------------------------------------------
-    version = code_version()
-    writer_t = writer_v = None
-    manager = None
-    if is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        write_run_info([log_run, ckpt_run], cfg, version, step)
-        purge = step + 1 if step > 0 else None  # drop events a crashed run logged after this step
-        writer_t = SummaryWriter(str(log_run / "t"), purge_step=purge)
-        writer_v = SummaryWriter(str(log_run / "v"), purge_step=purge) if val_cursor else None
-        manager = CheckpointManager(ckpt_run, cfg.keep_latest)
-        log_file = open(log_run / "train_log.jsonl", "a")
-        say(f"[bevtrain] run {name}: {info.world_size} process(es) on {device}, "
-            f"batch {cfg.batch_size} ({B_rank}/rank) x grad_acc {cfg.grad_acc}, "
-            f"precision {dtype or 'fp32'}; {cfg.target_raster} target raster (iou below: Simple-BEV "
-            f"protocol under it); logs {log_run}, checkpoints {ckpt_run}")
-
-    def log_record(record: Dict[str, Any]) -> None:
-        if is_main:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
-    def make_state(rng_states: List[Any], train_pos, val_pos) -> Dict[str, Any]:
-        return {
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "step": step,
-            "rng": rng_states,
-            "data": {"train": train_pos, **({"val": val_pos} if val_pos is not None else {})},
-            "config": cfg.to_dict(),
-            "run_name": name,
-            "version": version,
-            "world_size": info.world_size,
-            "nonfinite_total": nonfinite_total,
-        }
-
-    def save_checkpoint() -> Path | None:
-        """Collective (all ranks call it at the same step); rank 0 writes."""
-        rng_states = all_gather_object(capture_rng())
-        path = None
-        if is_main:
-            state = make_state(rng_states, train_cursor.state(), val_cursor.state() if val_cursor else None)
-            path = manager.save(state, step)
-        return path
-
-    def evaluate() -> Dict[str, float]:
-        model.eval()
-        sums: Dict[str, torch.Tensor] = {}
-        iou = BevIoUEvaluator()
-        with torch.no_grad():
-            for _ in range(cfg.val_batches):
-                batch = to_device(val_cursor.next(), device)
-                with autocast():
-                    out = forward(raw_model, batch)
-                loss, parts = compute_losses(out, batch, raw_model)
-                for k, v in {"loss": loss, **parts}.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float()
-                iou.update(out["seg"], batch["seg_bev"], batch["valid_bev"])
-        model.train()
-        keys = sorted(sums)
-        packed = all_reduce_sum(torch.stack([sums[k] for k in keys]))
-        n = cfg.val_batches * info.world_size
-        result = {k: (packed[i] / n).item() for i, k in enumerate(keys)}
-        result["iou"] = iou.compute()["simplebev"]["iou"]  # collective: counts summed over ranks
-        if is_main and cfg.viz_freq and step % cfg.viz_freq == 0:
-            log_bev_images(writer_v, "bev", batch, out, step, vox_util)
-        return result
-
-    # ---- the loop ------------------------------------------------------------------------------------
-    stop = _StopRequest()
-    stop.install()
-    window = _Window(device)
-    nonfinite_run, last_saved, last_val = 0, -1, None
+    # ---- loop state; what an interruption saves is kept current from here on ---------------------
+    status = "finished"
+    # a resumed run's checkpoint already holds this step; a new run has nothing worth saving yet
+    last_saved, saved_path = step, (ckpt_file if ckpt is not None else None)
+    point: _SafePoint | None = None  # the state of the last safe point
+    updating = False  # in an optimiser update: no exact state until the step ends
+    test_signal = _TestSignal(os.environ.get("BEVTRAIN_TEST_SIGNAL", ""))
+    nonfinite_run, last_val = 0, None
     history: List[Dict[str, Any]] = []
     samples_per_step = cfg.batch_size * cfg.grad_acc
     ema_step_time = None
     start_step, t_start = step, time.perf_counter()
-    status = "finished"
-    step_start_snapshot = None
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
+    writer_t = writer_v = log_file = manager = None
+    stop = _StopSignals()
+    stop.install()  # before loader workers start: from here on a signal is acted on at a safe point
     try:
-        while step < cfg.max_iters:
-            # state at the step boundary, for a checkpoint if this step is interrupted
-            step_start_snapshot = (capture_rng(), train_cursor.state(),
-                                   val_cursor.state() if val_cursor else None)
-            t0 = time.perf_counter()
-            data_time, finite = 0.0, True
-            step_loss = torch.zeros((), device=device)
-            step_parts: Dict[str, torch.Tensor] = {}
-            for micro in range(cfg.grad_acc):
-                td = time.perf_counter()
-                batch = to_device(train_cursor.next(), device)
-                data_time += time.perf_counter() - td
-                last_micro = micro == cfg.grad_acc - 1
-                sync = model.no_sync() if info.distributed and not last_micro else contextlib.nullcontext()
-                with sync:
-                    with autocast():
-                        out = forward(model, batch)
-                    loss, parts = compute_losses(out, batch, raw_model)
-                    if info.distributed and not cfg.find_unused_parameters:
-                        loss = loss + unused_outputs_term(out)
-                    scaler.scale(loss / cfg.grad_acc).backward()
-                finite = finite and bool(torch.isfinite(loss).item())
-                step_loss += loss.detach().float() / cfg.grad_acc
-                for k, v in parts.items():
-                    step_parts[k] = step_parts.get(k, 0) + v.detach().float() / cfg.grad_acc
-                window.iou.update(out["seg"], batch["seg_bev"], batch["valid_bev"])
-
-            # every rank must take the same decision: agree on non-finite losses and stop requests
-            flags_t = torch.tensor([0.0 if finite else 1.0, float(stop.requested)], device=device)
-            flags_t = all_reduce_sum(flags_t)
-            skip, stop_now = flags_t[0].item() > 0, flags_t[1].item() > 0
-            scaler.unscale_(optimizer)
-            if not skip and cfg.grad_clip > 0:
-                grad_norm = clip_gradients(raw_model.parameters(), cfg.grad_clip, cfg.grad_acc)
-                # with fp16 an inf gradient is the scaler's business (it skips and lowers the scale)
-                skip = not scaler.is_enabled() and not bool(torch.isfinite(grad_norm).item())
-            if skip:
-                nonfinite_run += 1
-                nonfinite_total += 1
-                if scaler.is_enabled():
-                    scaler.update()
+        # ---- data position, then RNG: the resumed run continues the same random streams ----------
+        train_cursor = LoaderCursor(train_loader, **data_pos.get("train", {}))
+        val_cursor = LoaderCursor(val_loader, **data_pos.get("val", {})) if val_loader is not None else None
+        val_pending = val_pending and val_cursor is not None
+        if ckpt is not None:
+            rng = ckpt.get("rng") or []
+            if len(rng) == info.world_size:
+                restore_rng(rng[info.rank])
             else:
-                nonfinite_run = 0
-                scaler.step(optimizer)
-                scaler.update()
-                if scheduler is not None and scheduler.last_epoch + 1 < scheduler.total_steps:
-                    scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            step_start_snapshot = None
+                seed_everything(cfg.seed + info.rank + 1000003 * step)
+                say("[bevtrain] RNG states for this world size not in the checkpoint: reseeded")
+            del ckpt
 
-            step_time = time.perf_counter() - t0
-            ema_step_time = step_time if ema_step_time is None else 0.9 * ema_step_time + 0.1 * step_time
-            window.add_step(step_loss, step_parts, not skip, data_time, step_time, samples_per_step)
-            if skip:
-                say(f"[bevtrain] step {step}: non-finite loss or gradient, step skipped "
-                    f"({nonfinite_run} in a row, {nonfinite_total} in total)")
+        # ---- run folders, writers --------------------------------------------------------------------
+        version = code_version()
+        if is_main:
+            from torch.utils.tensorboard import SummaryWriter
 
-            if step % cfg.log_freq == 0 or step == 1 or step == cfg.max_iters:
-                rec = window.reduce(info.world_size)
-                rec.update(step=step, lr=optimizer.param_groups[0]["lr"], nonfinite_total=nonfinite_total)
-                eta = ema_step_time * (cfg.max_iters - step)
-                if is_main:
-                    writer_t.add_scalar("loss", rec["loss"], step)
-                    for k, v in rec["parts"].items():
-                        writer_t.add_scalar(f"loss/{k}", v, step)
-                    for k in ("iou", "lr", "nonfinite_total"):
-                        writer_t.add_scalar(k, rec[k], step)
-                    writer_t.add_scalar("time/data", rec["data_time"], step)
-                    writer_t.add_scalar("time/step", rec["step_time"], step)
-                    writer_t.add_scalar("samples_per_s", rec["samples_per_s"], step)
-                    parts_s = " ".join(f"{k} {v:.4f}" for k, v in rec["parts"].items())
-                    say(f"step {step:>7d}/{cfg.max_iters} | loss {rec['loss']:.4f} ({parts_s}) | "
-                        f"iou {100 * rec['iou']:.2f} | lr {rec['lr']:.2e} | data {rec['data_time']:.3f}s "
-                        f"step {rec['step_time']:.3f}s | {rec['samples_per_s']:.2f} samples/s | "
-                        f"eta {format_duration(eta)}")
-                record = {"split": "train", **{k: v for k, v in rec.items() if k != "parts"},
-                          **{f"loss/{k}": v for k, v in rec["parts"].items()}}
-                history.append(record)
-                log_record(record)
+            write_run_info([log_run, ckpt_run], cfg, version, step)
+            # drop what a killed launch logged after this step; a pending val is redone
+            purge = step + 1 if step > 0 else None
+            writer_t = SummaryWriter(str(log_run / "t"), purge_step=purge)
+            if val_cursor:
+                writer_v = SummaryWriter(str(log_run / "v"), purge_step=step if val_pending else purge)
+            manager = CheckpointManager(ckpt_run, cfg.keep_latest)
+            if step > 0:
+                _trim_log(log_run / "train_log.jsonl", step, val_pending)
+            log_file = open(log_run / "train_log.jsonl", "a")
+            say(f"[bevtrain] run {name}: {info.world_size} process(es) on {device}, "
+                f"batch {cfg.batch_size} ({B_rank}/rank) x grad_acc {cfg.grad_acc}, "
+                f"precision {dtype or 'fp32'}; {cfg.target_raster} target raster (iou below: Simple-BEV "
+                f"protocol under it); logs {log_run}, checkpoints {ckpt_run}")
 
+        def log_record(record: Dict[str, Any]) -> None:
+            if is_main:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+
+        def make_state(rng_states: List[Any], train_pos, val_pos, val_pending: bool) -> Dict[str, Any]:
+            return {
+                "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "step": step,
+                "rng": rng_states,
+                "data": {"train": train_pos, **({"val": val_pos} if val_pos is not None else {})},
+                "val_pending": val_pending,
+                "config": cfg.to_dict(),
+                "run_name": name,
+                "version": version,
+                "world_size": info.world_size,
+                "nonfinite_total": nonfinite_total,
+            }
+
+        def save_checkpoint() -> Path | None:
+            """At a step end, of the live state. Collective (all ranks at the same step); rank 0 writes."""
+            rng_states = all_gather_object(capture_rng())
+            path = None
+            if is_main:
+                test_signal("save", step)
+                state = make_state(rng_states, train_cursor.state(),
+                                   val_cursor.state() if val_cursor else None, False)
+                path = manager.save(state, step)
+            return path
+
+        def save_safe_point(point: _SafePoint) -> Path:
+            """Rank 0 alone (other ranks may be gone): the state of the last safe point."""
+            if point.buffers is not None:  # undo the interrupted step's BatchNorm updates
+                with torch.no_grad():
+                    for live, saved in zip(raw_model.buffers(), point.buffers):
+                        live.copy_(saved)
+            test_signal("save", step)
+            state = make_state([point.rng], point.train_pos, point.val_pos, point.val_pending)
+            return manager.save(state, step)
+
+        def safe_point(val_pending: bool = False, buffers=None) -> _SafePoint:
+            return _SafePoint(capture_rng(), train_cursor.state(), val_cursor.state() if val_cursor else None,
+                              val_pending, buffers)
+
+        def check_stop() -> None:
+            """A safe point: a single process stops here after a signal (DDP ranks agree at step ends,
+            as they must all run the same collectives)."""
+            if stop.requested and not info.distributed:
+                raise _StopNow
+
+        def evaluate() -> Dict[str, float]:
+            model.eval()
+            sums: Dict[str, torch.Tensor] = {}
+            iou = BevIoUEvaluator()
+            with torch.no_grad():
+                for i in range(cfg.val_batches):
+                    test_signal("val", step, i)
+                    check_stop()
+                    batch = to_device(val_cursor.next(), device)
+                    with autocast():
+                        out = forward(raw_model, batch)
+                    loss, parts = compute_losses(out, batch, raw_model)
+                    for k, v in {"loss": loss, **parts}.items():
+                        sums[k] = sums.get(k, 0) + v.detach().float()
+                    iou.update(out["seg"], batch["seg_bev"], batch["valid_bev"])
+            model.train()
+            keys = sorted(sums)
+            packed = all_reduce_sum(torch.stack([sums[k] for k in keys]))
+            n = cfg.val_batches * info.world_size
+            result = {k: (packed[i] / n).item() for i, k in enumerate(keys)}
+            result["iou"] = iou.compute()["simplebev"]["iou"]  # collective: counts summed over ranks
             if is_main and cfg.viz_freq and step % cfg.viz_freq == 0:
-                log_bev_images(writer_t, "bev", batch, out, step, vox_util)
+                log_bev_images(writer_v, "bev", batch, out, step, vox_util)
+            return result
 
-            if val_cursor is not None and step % cfg.val_freq == 0:
+        # ---- the loop --------------------------------------------------------------------------------
+        window = _Window(device)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        while step < cfg.max_iters or val_pending:
+            stop_now = False
+            # a validation interrupted midway is redone first, from the cursor it had started at
+            val_due, val_pending = val_pending, False
+            if not val_due:
+                point = safe_point(buffers=[b.detach().clone() for b in raw_model.buffers()])
+                t0 = time.perf_counter()
+                data_time, finite = 0.0, True
+                step_loss = torch.zeros((), device=device)
+                step_parts: Dict[str, torch.Tensor] = {}
+                for micro in range(cfg.grad_acc):
+                    test_signal("micro", step + 1, micro)
+                    check_stop()
+                    td = time.perf_counter()
+                    batch = to_device(train_cursor.next(), device)
+                    data_time += time.perf_counter() - td
+                    last_micro = micro == cfg.grad_acc - 1
+                    sync = (model.no_sync() if info.distributed and not last_micro
+                            else contextlib.nullcontext())
+                    with sync:
+                        with autocast():
+                            out = forward(model, batch)
+                        loss, parts = compute_losses(out, batch, raw_model)
+                        if info.distributed and not cfg.find_unused_parameters:
+                            loss = loss + unused_outputs_term(out)
+                        scaler.scale(loss / cfg.grad_acc).backward()
+                    finite = finite and bool(torch.isfinite(loss).item())
+                    step_loss += loss.detach().float() / cfg.grad_acc
+                    for k, v in parts.items():
+                        step_parts[k] = step_parts.get(k, 0) + v.detach().float() / cfg.grad_acc
+                    window.iou.update(out["seg"], batch["seg_bev"], batch["valid_bev"])
+
+                test_signal("update", step + 1)
+                updating = True
+                # every rank must take the same decision: agree on non-finite losses and stop requests
+                flags_t = torch.tensor([0.0 if finite else 1.0, float(stop.requested)], device=device)
+                flags_t = all_reduce_sum(flags_t)
+                skip, stop_now = flags_t[0].item() > 0, flags_t[1].item() > 0
+                scaler.unscale_(optimizer)
+                if not skip and cfg.grad_clip > 0:
+                    grad_norm = clip_gradients(raw_model.parameters(), cfg.grad_clip, cfg.grad_acc)
+                    # with fp16 an inf gradient is the scaler's business (it skips and lowers the scale)
+                    skip = not scaler.is_enabled() and not bool(torch.isfinite(grad_norm).item())
+                if skip:
+                    nonfinite_run += 1
+                    nonfinite_total += 1
+                    if scaler.is_enabled():
+                        scaler.update()
+                else:
+                    nonfinite_run = 0
+                    scaler.step(optimizer)
+                    scaler.update()
+                    if scheduler is not None and scheduler.last_epoch + 1 < scheduler.total_steps:
+                        scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                val_due = val_cursor is not None and step % cfg.val_freq == 0
+                point, updating = safe_point(val_pending=val_due), False
+
+                step_time = time.perf_counter() - t0
+                ema_step_time = step_time if ema_step_time is None else 0.9 * ema_step_time + 0.1 * step_time
+                window.add_step(step_loss, step_parts, not skip, data_time, step_time, samples_per_step)
+                if skip:
+                    say(f"[bevtrain] step {step}: non-finite loss or gradient, step skipped "
+                        f"({nonfinite_run} in a row, {nonfinite_total} in total)")
+
+                if step % cfg.log_freq == 0 or step == 1 or step == cfg.max_iters:
+                    rec = window.reduce(info.world_size)
+                    rec.update(step=step, lr=optimizer.param_groups[0]["lr"], nonfinite_total=nonfinite_total)
+                    eta = ema_step_time * (cfg.max_iters - step)
+                    if is_main:
+                        writer_t.add_scalar("loss", rec["loss"], step)
+                        for k, v in rec["parts"].items():
+                            writer_t.add_scalar(f"loss/{k}", v, step)
+                        for k in ("iou", "lr", "nonfinite_total"):
+                            writer_t.add_scalar(k, rec[k], step)
+                        writer_t.add_scalar("time/data", rec["data_time"], step)
+                        writer_t.add_scalar("time/step", rec["step_time"], step)
+                        writer_t.add_scalar("samples_per_s", rec["samples_per_s"], step)
+                        parts_s = " ".join(f"{k} {v:.4f}" for k, v in rec["parts"].items())
+                        say(f"step {step:>7d}/{cfg.max_iters} | loss {rec['loss']:.4f} ({parts_s}) | "
+                            f"iou {100 * rec['iou']:.2f} | lr {rec['lr']:.2e} | data {rec['data_time']:.3f}s "
+                            f"step {rec['step_time']:.3f}s | {rec['samples_per_s']:.2f} samples/s | "
+                            f"eta {format_duration(eta)}")
+                    record = {"split": "train", **{k: v for k, v in rec.items() if k != "parts"},
+                              **{f"loss/{k}": v for k, v in rec["parts"].items()}}
+                    history.append(record)
+                    log_record(record)
+
+                if is_main and cfg.viz_freq and step % cfg.viz_freq == 0:
+                    log_bev_images(writer_t, "bev", batch, out, step, vox_util)
+
+            if val_due:
+                point = safe_point(val_pending=True)  # after logging: the state validation starts from
                 res = evaluate()
+                point = safe_point()
                 last_val = {"split": "val", "step": step, **res}
                 history.append(last_val)
                 log_record(last_val)
@@ -585,41 +730,59 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
             if cfg.max_nonfinite and nonfinite_run >= cfg.max_nonfinite:
                 path = save_checkpoint()
                 raise NonFiniteLossError(
-                    f"{nonfinite_run} non-finite steps in a row at step {step}; the last good weights are "
-                    f"in {path or ckpt_run}. Lower --lr, try --amp=none or --amp=bf16, or check the data."
+                    f"{nonfinite_run} non-finite steps in a row at step {step}; the last good weights "
+                    f"are in {path or ckpt_run}. Lower --lr, try --amp=none or --amp=bf16, or check the data."
                 )
+            if not info.distributed:
+                stop_now = stop.requested
             stopping = stop_now or (cfg.stop_at and step >= cfg.stop_at)
             if step % cfg.save_freq == 0 or step == cfg.max_iters or stopping:
-                save_checkpoint()
+                saved_path = save_checkpoint()
                 last_saved = step
             if stopping:
-                status = "stopped"
-                say(f"[bevtrain] stopped at step {step} with a checkpoint in {ckpt_run}; continue with "
-                    f"--resume={ckpt_run}")
-                break
-    except BaseException as exc:
-        # Ctrl-C or a crash: keep the last completed step (rank 0, no collectives: others may be gone)
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "crashed"
-        if is_main and step > last_saved and not isinstance(exc, NonFiniteLossError):
-            try:
-                if step_start_snapshot is not None:
-                    rng_state, train_pos, val_pos = step_start_snapshot
-                else:
-                    rng_state, train_pos = capture_rng(), train_cursor.state()
-                    val_pos = val_cursor.state() if val_cursor else None
-                optimizer.zero_grad(set_to_none=True)
-                path = manager.save(make_state([rng_state], train_pos, val_pos), step)
-                say(f"[bevtrain] {status} at step {step}: checkpoint saved to {path}; "
+                status = "signalled" if stop_now else "stopped"
+                how = f"by {stop.name}" if stop_now else "as asked (--stop_at)"
+                say(f"[bevtrain] stopped {how} at step {step} with a checkpoint in {ckpt_run}; "
                     f"continue with --resume={ckpt_run}")
+                break
+    except _StopNow:
+        status = "signalled"
+        if step > last_saved:
+            saved_path = save_safe_point(point)
+            last_saved = step
+            say(f"[bevtrain] stopped by {stop.name} at step {step}"
+                + (" (its validation is redone on resume)" if point.val_pending else "")
+                + f": checkpoint saved to {saved_path}; continue with --resume={ckpt_run}")
+        elif saved_path is not None:
+            say(f"[bevtrain] stopped by {stop.name} at step {step}: its checkpoint {saved_path} stands; "
+                f"continue with --resume={ckpt_run}")
+        else:
+            say(f"[bevtrain] stopped by {stop.name} before the first step completed: nothing to save")
+    except BaseException as exc:
+        # a crash or KeyboardInterrupt: keep the last completed step (rank 0 alone: others may be gone)
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "crashed"
+        if is_main and manager is not None and not isinstance(exc, NonFiniteLossError):
+            try:
+                if updating:
+                    newest = f"; the newest checkpoint is {saved_path}" if saved_path else ""
+                    say(f"[bevtrain] {status} during the optimiser update of step {step + 1}: "
+                        f"no exact state to save{newest}")
+                elif step > last_saved:
+                    saved_path = save_safe_point(point)
+                    say(f"[bevtrain] {status} at step {step}: checkpoint saved to {saved_path}; "
+                        f"continue with --resume={ckpt_run}")
+                elif saved_path is None:
+                    say(f"[bevtrain] {status} before the first step completed: nothing to save")
             except Exception as save_exc:  # report, but let the original error surface
                 say(f"[bevtrain] could not save a checkpoint after the {status} run: {save_exc}")
         raise
     finally:
         stop.uninstall()
-        if is_main:
+        if writer_t is not None:
             writer_t.close()
-            if writer_v is not None:
-                writer_v.close()
+        if writer_v is not None:
+            writer_v.close()
+        if log_file is not None:
             log_file.close()
 
     elapsed = time.perf_counter() - t_start
@@ -628,7 +791,8 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
     return {
         "run_name": name, "step": step, "status": status, "log_dir": str(log_run), "ckpt_dir": str(ckpt_run),
         "history": history, "last_val": last_val, "seconds": elapsed,
-        "checkpoint": str(checkpoint_path(ckpt_run, last_saved)) if last_saved >= 0 else None,
+        "checkpoint": str(saved_path) if saved_path is not None else None,
+        "exit_code": cfg.signal_exit_code if status == "signalled" else 0,
     }
 
 

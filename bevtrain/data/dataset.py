@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -421,7 +423,31 @@ class EpochSampler(Sampler):
         return max(0, len(self._order()) - self.skip)
 
 
+# Ctrl-C and scheduler pre-emption signal the whole process group. The main process owns shutdown
+# (it stops at a safe point and saves); a worker killed by such a signal would instead make the
+# DataLoader raise in the main process at any moment, even in the middle of writing a checkpoint.
+WORKER_IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def worker_signals_held():
+    """Start loader workers inside this: the signals stay blocked from fork() until _worker_init
+    ignores them, so none can reach a worker before it does. Signals the main process gets
+    meanwhile are delivered to it on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _worker_init(worker_id: int) -> None:
+    for sig in WORKER_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # discards any already pending
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)
     # cv2's thread count is set in the parent (make_loader): touching it here would tear down a
     # thread pool copied by fork() from the parent, which deadlocks in pthread_cond_destroy.
     torch.set_num_threads(1)
