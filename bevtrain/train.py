@@ -37,6 +37,7 @@ from bevtrain.checkpoint import (
     is_simplebev,
     load_checkpoint,
     load_weights,
+    remove_stale_temp_files,
     resolve_init,
     resolve_resume,
     restore_rng,
@@ -377,6 +378,9 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
     say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
 
     # ---- config, resume, data location -----------------------------------------------------------
+    if is_main:  # before resume looks for checkpoints; other ranks may not be up yet, so rank 0 alone
+        for stale in remove_stale_temp_files(cfg.ckpt_dir):
+            say(f"[bevtrain] removed {stale}: an unfinished checkpoint whose writer was killed")
     ckpt = init = None
     if cfg.resume:
         cfg, ckpt, ckpt_file = _resume_config(cfg, flags, is_main)
