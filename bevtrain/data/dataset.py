@@ -31,10 +31,12 @@ amount to: its decoder sees flipped features and is scored on the unflipped rule
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -444,6 +446,28 @@ def worker_signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+# Workers ignore SIGTERM, but multiprocessing's exit handler stops leftover workers with SIGTERM and
+# then waits for them: a process leaving by an exception whose traceback still holds a loader
+# iterator (so it is never deleted) would wait forever. So every loader made here is remembered and,
+# at exit (this handler runs before multiprocessing's), told to stop its workers as a deleted
+# iterator would.
+_LOADERS_WITH_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def stop_workers(loader: DataLoader) -> None:
+    """Stop a loader's persistent workers now (they restart if the loader is iterated again)."""
+    iterator = getattr(loader, "_iterator", None)  # where a DataLoader keeps persistent workers
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
+
+
+@atexit.register
+def _stop_all_workers() -> None:
+    for loader in list(_LOADERS_WITH_WORKERS):
+        stop_workers(loader)
+
+
 def _worker_init(worker_id: int) -> None:
     for sig in WORKER_IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # discards any already pending
@@ -482,7 +506,7 @@ def make_loader(
         cv2.setNumThreads(1)
     gen = torch.Generator()
     gen.manual_seed(int(seed) * 1000 + rank)
-    return DataLoader(
+    loader = DataLoader(
         ds,
         batch_size=batch_size,
         sampler=sampler,
@@ -494,3 +518,6 @@ def make_loader(
         generator=gen,
         prefetch_factor=2 if nworkers > 0 else None,
     )
+    if nworkers > 0:
+        _LOADERS_WITH_WORKERS.add(loader)
+    return loader
