@@ -1,6 +1,7 @@
 """Never lose a run, the smaller failures: a crash before the first step, a save killed with
 ``kill -9``, and flag errors that point at the right flag."""
 
+import json
 import os
 import shutil
 import signal
@@ -112,3 +113,17 @@ def test_flag_errors_point_at_the_right_flag(tmp_path):
         resolve_config({"grad_clip": -1.0})
     with pytest.raises(ConfigError, match="'signal_exit_code' must be in \\[1, 255\\]"):
         resolve_config({"signal_exit_code": 0})
+
+
+def test_resume_after_a_kill_before_the_save_drops_log_lines_past_the_checkpoint(tmp_path, synthetic_root):
+    # kill -9 after step 3 was logged but before its checkpoint: the resumed run redoes step 3 from
+    # the step-2 checkpoint, and its log must read as one run, without step 3 twice
+    flags = tiny(tmp_path, synthetic_root, max_iters=3, save_freq=2, keep_latest=2, do_val=True, val_freq=1,
+                 val_batches=1)
+    first = main(**flags)
+    log = Path(first["log_dir"]) / "train_log.jsonl"
+    uninterrupted = log.read_text()
+    (Path(first["ckpt_dir"]) / "model-000000003.pth").unlink()
+    main(resume=first["ckpt_dir"])
+    assert [r["step"] for r in map(json.loads, uninterrupted.splitlines())] == [1, 1, 2, 2, 3, 3]
+    assert log.read_text() == uninterrupted  # step 3 redone with the same losses, logged once
