@@ -448,24 +448,26 @@ def worker_signals_held():
 
 # Workers ignore SIGTERM, but multiprocessing's exit handler stops leftover workers with SIGTERM and
 # then waits for them: a process leaving by an exception whose traceback still holds a loader
-# iterator (so it is never deleted) would wait forever. So every loader made here is remembered and,
-# at exit (this handler runs before multiprocessing's), told to stop its workers as a deleted
-# iterator would.
-_LOADERS_WITH_WORKERS: weakref.WeakSet = weakref.WeakSet()
+# iterator (so it is never deleted) would wait forever. So the iterators of loaders made here are
+# remembered and, at exit (this handler runs before multiprocessing's), stop their workers as a
+# deleted iterator would.
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
 
 
-def stop_workers(loader: DataLoader) -> None:
-    """Stop a loader's persistent workers now (they restart if the loader is iterated again)."""
-    iterator = getattr(loader, "_iterator", None)  # where a DataLoader keeps persistent workers
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
-        loader._iterator = None
+class _Loader(DataLoader):
+    """A DataLoader whose worker-backed iterators are remembered for _stop_all_workers."""
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        if self.num_workers > 0:
+            _LIVE_ITERATORS.add(iterator)
+        return iterator
 
 
 @atexit.register
 def _stop_all_workers() -> None:
-    for loader in list(_LOADERS_WITH_WORKERS):
-        stop_workers(loader)
+    for iterator in list(_LIVE_ITERATORS):
+        iterator._shutdown_workers()
 
 
 def _worker_init(worker_id: int) -> None:
@@ -506,7 +508,7 @@ def make_loader(
         cv2.setNumThreads(1)
     gen = torch.Generator()
     gen.manual_seed(int(seed) * 1000 + rank)
-    loader = DataLoader(
+    return _Loader(
         ds,
         batch_size=batch_size,
         sampler=sampler,
@@ -518,6 +520,3 @@ def make_loader(
         generator=gen,
         prefetch_factor=2 if nworkers > 0 else None,
     )
-    if nworkers > 0:
-        _LOADERS_WITH_WORKERS.add(loader)
-    return loader
