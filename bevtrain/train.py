@@ -743,6 +743,8 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
             if step % cfg.save_freq == 0 or step == cfg.max_iters or stopping:
                 saved_path = save_checkpoint()
                 last_saved = step
+            if stopping and stop_now and step >= cfg.max_iters:
+                break  # the signal came as the last step ended: the run is complete, its checkpoint saved
             if stopping:
                 status = "signalled" if stop_now else "stopped"
                 how = f"by {stop.name}" if stop_now else "as asked (--stop_at)"
