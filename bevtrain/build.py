@@ -97,6 +97,7 @@ def dataset_kwargs(cfg: Mapping[str, Any], split: str, is_train: bool) -> Dict[s
         classes=tuple(cfg["classes"]), cache_dir=cfg["cache_dir"] or None, seed=cfg["seed"],
         compat=cfg["compat"],
         target_raster=cfg["target_raster"],
+        bad_samples=cfg["bad_samples"], max_bad_fraction=cfg["max_bad_fraction"],
     )
 
 

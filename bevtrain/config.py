@@ -150,6 +150,11 @@ FLAGS: Tuple[Flag, ...] = (
        "|feat|>0 camera mean, PIL NEAREST val resize), for Simple-BEV's checkpoints; set automatically "
        "when --init_dir is a Simple-BEV checkpoint", choices=("none", "simplebev")),
     _f("synthetic_keyframes", 40, "keyframes per synthetic scene when generating it"),
+    _f("bad_samples", "stop", "a sample with a corrupt/truncated/missing file or non-finite calibration or "
+       "pose: 'stop' with an error naming it, or 'skip' it (the next good sample takes its place; listed in "
+       "<log_dir>/<run>/bad_samples.jsonl)", choices=("stop", "skip")),
+    _f("max_bad_fraction", 0.01, "with bad_samples=skip: stop when more than this fraction of a split "
+       "(floor of fraction x samples) is bad"),
 )
 
 FLAG_BY_NAME: Dict[str, Flag] = {f.name: f for f in FLAGS}
@@ -340,6 +345,8 @@ def _check_consistency(cfg: Config) -> None:
     if not 1 <= cfg.signal_exit_code <= 255:
         raise ConfigError(f"flag 'signal_exit_code' must be in [1, 255] (0 means finished), "
                           f"got {cfg.signal_exit_code}")
+    if not 0 <= cfg.max_bad_fraction <= 1:
+        raise ConfigError(f"flag 'max_bad_fraction' must be in [0, 1], got {cfg.max_bad_fraction}")
     if not 0 < cfg.pct_start < 1:
         raise ConfigError(f"flag 'pct_start' must be in (0, 1), got {cfg.pct_start}")
     if not 0 <= cfg.refcam_id < cfg.ncams:

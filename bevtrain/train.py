@@ -44,7 +44,7 @@ from bevtrain.checkpoint import (
 )
 from bevtrain.config import Config, ConfigError, dump_yaml, fill_legacy, resolve_config, run_name
 from bevtrain.convert_simplebev import check_simplebev_settings, convert_weights, simplebev_mode
-from bevtrain.data.dataset import worker_signals_held
+from bevtrain.data.dataset import BadSampleLog, worker_signals_held
 from bevtrain.distributed import (
     DistInfo,
     all_gather_object,
@@ -421,6 +421,8 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
     if cfg.do_val:
         val_ds = build.build_dataset(cfg, split="val", is_train=False)
         val_loader = build.build_loader(cfg, val_ds, False, B_rank, info.rank, info.world_size)
+    # bad_samples=skip: samples left out are listed in <log_dir>/<run>/bad_samples.jsonl
+    bad_log = BadSampleLog.for_run(log_run, info.rank, train=train_ds, val=val_loader and val_loader.dataset)
 
     # ---- model, optimiser, schedule, precision ---------------------------------------------------
     vox_util = build.build_vox_util(cfg)
@@ -606,6 +608,7 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
                     test_signal("val", step, i)
                     check_stop()
                     batch = to_device(val_cursor.next(), device)
+                    bad_log.add_batch("val", batch, step)
                     with autocast():
                         out = forward(raw_model, batch)
                     loss, parts = compute_losses(out, batch, raw_model)
@@ -641,6 +644,7 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
                     check_stop()
                     td = time.perf_counter()
                     batch = to_device(train_cursor.next(), device)
+                    bad_log.add_batch("train", batch, step + 1)
                     data_time += time.perf_counter() - td
                     last_micro = micro == cfg.grad_acc - 1
                     sync = (model.no_sync() if info.distributed and not last_micro

@@ -26,6 +26,13 @@ enlargement by at most 1.2 (training's largest random resize; see ``decode_facto
 decoding itself downsamples by that factor (``cv2.IMREAD_REDUCED_COLOR_*``, DCT scaling: output
 pixel k is the block [f*k, f*k + f) whose centre maps exactly by the pixel-centre rule with scale
 1/f), and only the remainder is resized.
+
+Corrupt files: libjpeg decodes a truncated JPEG read from a file with a warning on stderr and the
+missing rows flat grey, and cv2 returns that image as if nothing happened. So the file's bytes are
+read here and checked for the JPEG start (FFD8) and end-of-image (FFD9) markers before an
+in-memory decode (which fails instead of inventing rows); the decoded size is checked against the
+index at every reduction factor. Corruption inside the entropy-coded data with intact markers is
+only found by ``python -m bevtrain.data.verify``, which listens to libjpeg's warnings.
 """
 
 from __future__ import annotations
@@ -45,8 +52,18 @@ _REDUCED_FLAGS = {
 }
 
 
+JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+# FFD9 cannot occur inside entropy-coded data (an FF there is stuffed as FF00), so finding it in the
+# last bytes means the file is complete; a few writers pad after it, hence a short window.
+EOI_WINDOW = 32
+
+
 class ImageReadError(OSError):
-    pass
+    """An image that cannot be used; ``kind`` says why: missing, not_jpeg, truncated, corrupt, size."""
+
+    def __init__(self, message: str, kind: str = "corrupt"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def final_dim_for(res_scale: float) -> Tuple[int, int]:
@@ -107,12 +124,59 @@ def decode_factor(src_wh: Tuple[int, int], resize_wh: Tuple[int, int], fast_deco
     return reduction_factor(src_wh, resize_wh, RESIZE_LIM[1]) if fast_decode else 1
 
 
+def read_jpeg_bytes(path: str) -> np.ndarray:
+    """The bytes of a JPEG file (uint8), checked for its start and end-of-image markers."""
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise ImageReadError(f"cannot read image {path}: {e.strerror or e}", "missing") from e
+    if buf[:2].tobytes() != JPEG_SOI:
+        raise ImageReadError(f"image {path} is not a JPEG (no start-of-image marker FFD8; {buf.size} bytes)",
+                             "not_jpeg")
+    if JPEG_EOI not in buf[-EOI_WINDOW:].tobytes():
+        raise ImageReadError(
+            f"image {path} is truncated: no JPEG end-of-image marker (FFD9) at its end ({buf.size} bytes); "
+            f"copy the file again from the dataset",
+            "truncated",
+        )
+    return buf
+
+
 def decode_jpeg(path: str, factor: int = 1) -> np.ndarray:
     """BGR uint8 (h, w, 3) decoded at 1/factor scale (ceil of the size for partial blocks)."""
-    img = cv2.imread(path, _REDUCED_FLAGS[factor])
+    img = cv2.imdecode(read_jpeg_bytes(path), _REDUCED_FLAGS[factor])
     if img is None:
-        raise ImageReadError(f"cannot read image {path} (missing or corrupt)")
+        raise ImageReadError(f"cannot decode image {path} (corrupt JPEG)")
     return img
+
+
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (not DHT, JPG, DAC)
+
+
+def jpeg_size(buf: np.ndarray) -> Tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header (walking the marker segments), None if not found."""
+    data = buf.tobytes() if isinstance(buf, np.ndarray) else bytes(buf)
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _SOF_MARKERS and pos + 9 <= len(data):
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            return int.from_bytes(data[pos + 7 : pos + 9], "big"), height
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        pos += 2 + length
+    return None
+
+
+def decoded_size(src_wh: Tuple[int, int], factor: int) -> Tuple[int, int]:
+    """(w, h) of a ``src_wh`` JPEG decoded at 1/factor: libjpeg rounds partial blocks up."""
+    return -(-src_wh[0] // factor), -(-src_wh[1] // factor)
 
 
 CONVENTIONS = ("exact", "simplebev")
@@ -200,8 +264,13 @@ def load_augmented_image(
     if f > 1:
         steps.append(("scale", 1.0 / f, 1.0 / f))
     dec_h, dec_w = img.shape[:2]
-    if f == 1 and (dec_w, dec_h) != tuple(src_wh):
-        raise ImageReadError(f"image {path} is {dec_w}x{dec_h}, but the dataset says {src_wh[0]}x{src_wh[1]}")
+    want_wh = decoded_size(src_wh, f)
+    if (dec_w, dec_h) != want_wh:
+        at = f" at 1/{f} scale (expected {want_wh[0]}x{want_wh[1]})" if f > 1 else ""
+        raise ImageReadError(
+            f"image {path} decodes to {dec_w}x{dec_h}{at}, but the dataset says {src_wh[0]}x{src_wh[1]}",
+            "size",
+        )
     if (dec_w, dec_h) != (new_w, new_h):
         # The remaining shrink is in [1/1.2, 2/1.2): bilinear neither aliases much nor blurs much.
         interp = cv2.INTER_AREA if f == 1 and (new_w * 2 <= dec_w) else cv2.INTER_LINEAR

@@ -27,18 +27,30 @@ points and box corners are mirrored and the target maps are flipped along X / Z 
 along the flipped axis). A mirror axis is only used when the grid is symmetric about 0 on it.
 Flipping the maps (rather than rasterising the mirrored boxes) is what Simple-BEV's in-model flips
 amount to: its decoder sees flipped features and is scored on the unflipped rule's maps.
+
+Bad samples (a JPEG that is missing, truncated or of the wrong size, an unreadable point file, or
+a calibration / pose / box that the index found non-finite): with ``bad_samples='stop'`` (default)
+the dataset raises an error naming the file and the sample, at construction for index problems and
+when the sample is loaded for file problems, so no training step ever sees one. With 'skip' the
+sample at position i is replaced by the next good one (i + 1, i + 2, ... wrapping around), loaded
+with the augmentation drawn for position i: batches keep their size and the result is still a pure
+function of (seed, epoch, index), so resume and determinism hold. Each sample carries ``skipped``
+(a JSON list of the bad samples it replaced, '' when none) for ``BadSampleLog``, which writes them
+to the run folder and stops when more than ``max_bad_fraction`` of a split is bad.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import signal
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -48,7 +60,7 @@ from bevtrain import geometry
 from bevtrain.data import augment, points, targets
 from bevtrain.data.index import CAMERA_NAMES, LIDAR_NAME, RADAR_NAMES, load_index
 
-__all__ = ["NuScenesBEVDataset", "make_loader", "CAMERA_NAMES", "EpochSampler"]
+__all__ = ["NuScenesBEVDataset", "make_loader", "CAMERA_NAMES", "EpochSampler", "BadSampleLog"]
 
 MAX_BOXES = 64
 RADAR_POINTS_PER_SWEEP = 700  # Simple-BEV: "radar has <700 points"
@@ -56,8 +68,35 @@ RADAR_FEATURES = ("simplebev", "rich")  # radar_features: Simple-BEV's input exa
 LIDAR_POINTS_PER_SWEEP = 35000  # a nuScenes lidar sweep has at most 34,720 returns
 
 
+BAD_SAMPLE_MODES = ("stop", "skip")
+
+
 class SampleReadError(OSError):
     pass
+
+
+class BadSampleError(ValueError):
+    """Samples with unusable calibration, poses or boxes (bad_samples='stop'), or too many bad samples."""
+
+
+class TooManyBadSamplesError(RuntimeError):
+    """More than max_bad_fraction of a split turned out bad while training with bad_samples='skip'."""
+
+
+def describe_problem(rec_token: str, scene: str, problem: dict, dataroot, version: str) -> str:
+    """'sample <token> (<scene>), <channel>: <table> <token> in <file>: <reason>'."""
+    table = Path(dataroot) / version / f"{problem['table']}.json"
+    return (f"sample {rec_token} ({scene}), {problem['channel']}: {problem['table']} {problem['token']} "
+            f"in {table}: {problem['reason']}")
+
+
+def _bad_entry(index: int, rec: dict, reason: str) -> dict:
+    return {"index": index, "token": rec["token"], "scene": rec["scene_name"], "reason": reason}
+
+
+def bad_fraction_limit(max_bad_fraction: float, n: int) -> int:
+    """Most bad samples a split of ``n`` may have: floor(max_bad_fraction * n)."""
+    return int(max_bad_fraction * n + 1e-9)
 
 
 @contextlib.contextmanager
@@ -113,6 +152,8 @@ class NuScenesBEVDataset(Dataset):
         fast_decode: bool = True,
         compat: str = "none",
         target_raster: str = "simplebev",
+        bad_samples: str = "stop",
+        max_bad_fraction: float = 0.01,
     ):
         if target_raster not in targets.TARGET_RASTERS:
             raise ValueError(
@@ -134,6 +175,8 @@ class NuScenesBEVDataset(Dataset):
             raise ValueError(f"nsweeps={nsweeps} must be >= 1")
         if compat not in ("none", "simplebev"):
             raise ValueError(f"compat={compat!r}; valid: none, simplebev")
+        if bad_samples not in BAD_SAMPLE_MODES:
+            raise ValueError(f"bad_samples={bad_samples!r} must be one of {list(BAD_SAMPLE_MODES)}")
         self.records, self.index_info = load_index(
             data_dir, dset, split, nsweeps=nsweeps, cache_dir=cache_dir
         )
@@ -162,6 +205,12 @@ class NuScenesBEVDataset(Dataset):
         self.target_raster = target_raster
         self.epoch = 0
         self.vox = geometry.Vox_util(Z, Y, X, scene_centroid=scene_centroid, bounds=bounds)
+        self.split = split
+        self.bad_samples = bad_samples
+        self.max_bad_fraction = float(max_bad_fraction)
+        # position -> {"index", "token", "scene", "reason"} of samples known to be bad (in a loader
+        # worker this grows with what the worker finds; the outcome never depends on it)
+        self.bad: Dict[int, dict] = self._check_index_problems()
         # The BEV mirror is an array flip only if the grid is symmetric about 0 on that axis.
         self._can_flip_x = abs(self.vox.xmin + self.vox.xmax) < 1e-6
         self._can_flip_z = abs(self.vox.zmin + self.vox.zmax) < 1e-6
@@ -215,15 +264,75 @@ class NuScenesBEVDataset(Dataset):
             image_augs.append(aug)
         return SampleAug(cam_ids, flip_x, flip_z, image_augs)
 
+    def _check_index_problems(self) -> Dict[int, dict]:
+        """Samples whose calibration / poses / boxes (as this configuration uses them) are unusable:
+        an error with 'stop', else the bad-sample table for 'skip'."""
+        uses = {"always": True, "lidar": self.use_lidar, "radar": self.use_radar}
+        needed = {what for what, used in uses.items() if used}
+        bad = {}
+        for i, problems in sorted(self.index_info.get("problems", {}).items()):
+            problems = [p for p in problems if p["needed_for"] in needed]
+            if problems:
+                rec = self.records[i]
+                why = [describe_problem(rec["token"], rec["scene_name"], p, self.dataroot,
+                                        self.index_info["version"]) for p in problems]
+                bad[i] = _bad_entry(i, rec, "; ".join(why))
+        if not bad:
+            return bad
+        n, first = len(self.records), [b["reason"] for b in list(bad.values())[:3]]
+        where = f"split {self.split!r} of {self.dataroot}"
+        if self.bad_samples == "stop":
+            raise BadSampleError(
+                f"{len(bad)} of {n} samples of {where} have unusable calibration, poses or boxes (NaN or "
+                f"out of range), e.g. " + " | ".join(first) + ". Fix the tables (list every problem with "
+                f"`python -m bevtrain.data.verify --data_dir={self.dataroot}`), or train with "
+                f"--bad_samples=skip to leave such samples out"
+            )
+        limit = bad_fraction_limit(self.max_bad_fraction, n)
+        if len(bad) > limit:
+            raise BadSampleError(
+                f"{len(bad)} of {n} samples of {where} have unusable calibration, poses or boxes, more than "
+                f"max_bad_fraction={self.max_bad_fraction} allows ({limit}); e.g. " + " | ".join(first)
+            )
+        return bad
+
     # -- one sample --------------------------------------------------------------------------------
     def __getitem__(self, item):
         if isinstance(item, tuple):
             index, epoch = item
         else:
             index, epoch = item, self.epoch
-        index = int(index)
+        index, epoch = int(index), int(epoch)
+        if self.bad_samples == "stop":
+            try:
+                out = self._load(index, index, epoch)
+            except SampleReadError as e:
+                raise SampleReadError(
+                    f"{e}. To list every bad file: python -m bevtrain.data.verify "
+                    f"--data_dir={self.dataroot}; to train without such samples: --bad_samples=skip"
+                ) from e
+            out["skipped"] = ""
+            return out
+        skipped: List[dict] = []
+        n = len(self.records)
+        for k in range(n):  # the next good sample, deterministically
+            j = (index + k) % n
+            if j not in self.bad:
+                try:
+                    out = self._load(j, index, epoch)
+                except SampleReadError as e:
+                    self.bad[j] = _bad_entry(j, self.records[j], str(e))
+                else:
+                    out["skipped"] = json.dumps(skipped) if skipped else ""
+                    return out
+            skipped.append(self.bad[j])
+        raise BadSampleError(f"every sample of split {self.split!r} of {self.dataroot} is bad, e.g. "
+                             f"{skipped[0]['reason']}")
+
+    def _load(self, index: int, draw_index: int, epoch: int) -> dict:
+        """Sample ``index`` with the random choices drawn for position ``draw_index``."""
         rec = self.records[index]
-        draw = self.draw_augmentation(index, int(epoch))
+        draw = self.draw_augmentation(draw_index, epoch)
         cam_ids, flip_x, flip_z = draw.cam_ids, draw.flip_x, draw.flip_z
         mirror = np.diag([-1.0 if flip_x else 1.0, 1.0, -1.0 if flip_z else 1.0, 1.0])
 
@@ -375,6 +484,71 @@ class NuScenesBEVDataset(Dataset):
         pts = points.mirror_points(pts, flip_x, flip_z)
         padded, n = points.pad_points(pts, LIDAR_POINTS_PER_SWEEP * self.nsweeps)
         return {"lidar": torch.from_numpy(padded), "lidar_count": torch.tensor(n, dtype=torch.int64)}
+
+
+# -- the bad-sample report ------------------------------------------------------------------------------
+class BadSampleLog:
+    """The run's record of bad samples (datasets with bad_samples='skip'): one JSON line per bad sample
+    and split, written when first met, ``{"split", "index", "token", "scene", "reason", "step"}``.
+
+    A resumed run reads the file back, so counts continue. More than
+    ``floor(max_bad_fraction * len(split))`` distinct bad samples in a split raises
+    TooManyBadSamplesError: a few bad files are skipped, a broken data set is not trained on.
+    Under DDP each rank keeps its own file (``bad_samples.rank<r>.jsonl`` beside rank 0's) and count.
+    """
+
+    def __init__(self, path, split_sizes: Dict[str, int], max_bad_fraction: float):
+        self.path = Path(path)
+        self.sizes = dict(split_sizes)
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.seen: Dict[str, set] = {split: set() for split in self.sizes}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    self.seen.setdefault(entry["split"], set()).add(entry["token"])
+
+    @classmethod
+    def for_run(cls, run_dir, rank: int = 0, **datasets) -> BadSampleLog:
+        """The log of a run folder for ``split=dataset`` pairs (None datasets are left out), holding
+        the samples the index already found bad; inert when no dataset skips."""
+        datasets = {k: ds for k, ds in datasets.items() if ds is not None and ds.bad_samples == "skip"}
+        name = "bad_samples.jsonl" if rank == 0 else f"bad_samples.rank{rank}.jsonl"
+        fraction = min([ds.max_bad_fraction for ds in datasets.values()], default=0.0)
+        log = cls(Path(run_dir) / name, {k: len(ds) for k, ds in datasets.items()}, fraction)
+        for split, ds in datasets.items():
+            log.add(split, list(ds.bad.values()), step=0)
+        return log
+
+    def count(self, split: str) -> int:
+        return len(self.seen.get(split, ()))
+
+    def add_batch(self, split: str, batch, step: int) -> None:
+        """Record the bad samples a batch's samples replaced (its ``skipped`` strings)."""
+        for text in batch.get("skipped") or ():
+            if text:
+                self.add(split, json.loads(text), step)
+
+    def add(self, split: str, entries: List[dict], step: int) -> None:
+        new = [e for e in entries if e["token"] not in self.seen.setdefault(split, set())]
+        if not new:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            for e in new:
+                if e["token"] in self.seen[split]:
+                    continue
+                self.seen[split].add(e["token"])
+                f.write(json.dumps({"split": split, **e, "step": int(step)}) + "\n")
+        n = self.sizes.get(split, 0)
+        limit = bad_fraction_limit(self.max_bad_fraction, n)
+        if self.count(split) > limit:
+            raise TooManyBadSamplesError(
+                f"{self.count(split)} of the {n} samples of the {split} split are bad, more than "
+                f"max_bad_fraction={self.max_bad_fraction} allows ({limit}): the data looks broken rather "
+                f"than a few bad files. They are listed in {self.path}; check the data set with "
+                f"`python -m bevtrain.data.verify`, or raise --max_bad_fraction"
+            )
 
 
 # -- loading -----------------------------------------------------------------------------------------

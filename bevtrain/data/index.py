@@ -16,6 +16,14 @@ Record layout (one dict per keyframe sample; all matrices float64, metres, ``dst
     boxes = dict(center (N,3) global, wlh (N,3), rotation (N,4) quaternion wxyz global,
                  category [str], instance [str], visibility (N,) int)
 
+Checks at build time (once; the result is cached with the records): every camera intrinsic must be
+finite with fx, fy > 0, every sensor extrinsic, ego pose and box finite with a unit quaternion. A
+record that uses a bad one keeps NaN matrices in its place and lists the problem under
+``info['problems']`` (sample position -> [dict(needed_for, channel, table, token, reason)];
+``needed_for`` is 'always' for cameras, the LIDAR_TOP keyframe's ego pose and boxes, 'lidar' or
+'radar' for sweeps), so the dataset can stop or skip it. A table that is not valid JSON is a
+``DataTableError`` naming the file.
+
 Paths are relative to the dataroot. Records are stored pickled back to back in one numpy byte
 buffer (``PackedRecords``) so that forked workers do not touch (and copy) millions of Python
 objects through reference counting.
@@ -32,7 +40,10 @@ a custom split file:
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
+import math
 import os
 import pickle
 import tempfile
@@ -42,7 +53,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-INDEX_FORMAT = 2  # 2: sweeps carry global_T_ego
+INDEX_FORMAT = 3  # 2: sweeps carry global_T_ego; 3: calibration / pose / box checks (info["problems"])
 CAMERA_NAMES = [
     "CAM_FRONT_LEFT",
     "CAM_FRONT",
@@ -67,6 +78,10 @@ DEVKIT_LOADS = 0
 
 class DataLayoutError(FileNotFoundError):
     """The dataroot does not look like a nuScenes dataroot."""
+
+
+class DataTableError(ValueError):
+    """A nuScenes table file cannot be read (not valid JSON)."""
 
 
 # -- splits ----------------------------------------------------------------------------------------
@@ -187,12 +202,100 @@ def _pose_matrix(translation, rotation_wxyz) -> np.ndarray:
     return m
 
 
-def build_records(dataroot: Path, version: str, scenes: Sequence[str], nsweeps: int, verbose=False) -> list:
-    """Load the devkit tables once and return the split's records (sorted by scene, time)."""
-    global DEVKIT_LOADS
+NAN_POSE = np.full((4, 4), np.nan)
+QUATERNION_TOLERANCE = 1e-2  # nuScenes stores unit quaternions (|q| = 1 to ~1e-7)
+
+
+def _as_floats(value, n: int) -> np.ndarray | None:
+    try:
+        a = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return a if a.shape == (n,) else None
+
+
+def pose_problem(translation, rotation_wxyz) -> str | None:
+    """Why a (translation, wxyz quaternion) pair is not a usable rigid transform, or None."""
+    t, q = _as_floats(translation, 3), _as_floats(rotation_wxyz, 4)
+    if t is None or not np.isfinite(t).all():
+        return f"translation {translation!r} is not 3 finite numbers"
+    if q is None or not np.isfinite(q).all():
+        return f"rotation {rotation_wxyz!r} is not 4 finite numbers"
+    norm = float(np.linalg.norm(q))
+    if abs(norm - 1.0) > QUATERNION_TOLERANCE:
+        return f"rotation {rotation_wxyz!r} is not a unit quaternion (norm {norm:.4g})"
+    return None
+
+
+def intrinsic_problem(camera_intrinsic) -> str | None:
+    """Why a 3x3 camera_intrinsic is not usable (fx, fy finite and > 0, cx, cy finite), or None."""
+    try:
+        k = np.asarray(camera_intrinsic, dtype=np.float64)
+    except (TypeError, ValueError):
+        k = None
+    if k is None or k.shape != (3, 3):
+        return f"camera_intrinsic {camera_intrinsic!r} is not a 3x3 matrix"
+    fx, fy, cx, cy = k[0, 0], k[1, 1], k[0, 2], k[1, 2]
+    if not (math.isfinite(fx) and fx > 0 and math.isfinite(fy) and fy > 0):
+        return f"camera_intrinsic has fx={fx}, fy={fy} (both must be finite and > 0)"
+    if not np.isfinite(k).all():
+        return f"camera_intrinsic has a non-finite entry (cx={cx}, cy={cy}): {k.tolist()}"
+    return None
+
+
+def box_problem(ann) -> str | None:
+    """Why a sample_annotation's box is not usable, or None."""
+    bad = pose_problem(ann["translation"], ann["rotation"])
+    if bad:
+        return bad
+    size = _as_floats(ann["size"], 3)
+    if size is None or not np.isfinite(size).all():
+        return f"size {ann['size']!r} is not 3 finite numbers"
+    return None
+
+
+# The order in which nuscenes-devkit loads the tables.
+TABLE_NAMES = ["category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose",
+               "log", "scene", "sample", "sample_data", "sample_annotation", "map"]
+
+
+def find_bad_tables(table_dir: Path) -> List[Tuple[Path, str]]:
+    """(path, reason) of every table file in ``table_dir`` that is not valid JSON."""
+    bad = []
+    known = [table_dir / f"{n}.json" for n in TABLE_NAMES]
+    others = sorted(p for p in table_dir.glob("*.json") if p not in known)
+    for path in [p for p in known if p.is_file()] + others:
+        try:
+            with open(path) as f:
+                json.load(f)
+        except json.JSONDecodeError as e:
+            size = path.stat().st_size
+            bad.append((path, f"{e.msg} at line {e.lineno} column {e.colno} (char {e.pos} of {size})"))
+        except (OSError, UnicodeDecodeError) as e:
+            bad.append((path, str(e)))
+    return bad
+
+
+def load_devkit(dataroot: Path, version: str, verbose: bool = False):
+    """``NuScenes(version, dataroot)``; a table that is not valid JSON is a DataTableError naming it."""
     from nuscenes.nuscenes import NuScenes
 
-    nusc = NuScenes(version=version, dataroot=str(dataroot), verbose=verbose)
+    try:
+        return NuScenes(version=version, dataroot=str(dataroot), verbose=verbose)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        bad = find_bad_tables(Path(dataroot) / version) or [(Path(dataroot) / version, str(e))]
+        listing = "; ".join(f"{path}: {why}" for path, why in bad)
+        raise DataTableError(
+            f"nuScenes table not valid JSON (cut short or corrupted?): {listing}. Extract the "
+            f"{version} tables again (the metadata archive) into {dataroot}"
+        ) from None
+
+
+def build_records(dataroot: Path, version: str, scenes: Sequence[str], nsweeps: int, verbose=False):
+    """Load the devkit tables once; return the split's records (sorted by scene, time) and their
+    problems (position in that order -> list of problem dicts, see the module docstring)."""
+    global DEVKIT_LOADS
+    nusc = load_devkit(dataroot, version, verbose)
     DEVKIT_LOADS += 1
 
     wanted = set(scenes)
@@ -203,63 +306,86 @@ def build_records(dataroot: Path, version: str, scenes: Sequence[str], nsweeps: 
             f"{dataroot}/{version} (it has {sorted(have)[:5]}...)"
         )
 
-    pose_cache: Dict[str, np.ndarray] = {}
+    pose_cache: Dict[str, Tuple[np.ndarray, str | None]] = {}
     calib_cache: Dict[str, dict] = {}
 
     def ego_pose(token):
         if token not in pose_cache:
             rec = nusc.get("ego_pose", token)
-            pose_cache[token] = _pose_matrix(rec["translation"], rec["rotation"])
+            bad = pose_problem(rec["translation"], rec["rotation"])
+            pose_cache[token] = (NAN_POSE if bad else _pose_matrix(rec["translation"], rec["rotation"]), bad)
         return pose_cache[token]
 
     def calib(token):
         if token not in calib_cache:
             rec = nusc.get("calibrated_sensor", token)
-            entry = {"ego_T_sensor": _pose_matrix(rec["translation"], rec["rotation"])}
+            bad = pose_problem(rec["translation"], rec["rotation"])
+            entry = {"ego_T_sensor": NAN_POSE if bad else _pose_matrix(rec["translation"], rec["rotation"]),
+                     "problem": bad}
             if rec.get("camera_intrinsic"):
+                bad_k = intrinsic_problem(rec["camera_intrinsic"])
                 pix = np.eye(4)
-                pix[:3, :3] = np.asarray(rec["camera_intrinsic"], dtype=np.float64)
+                pix[:3, :3] = np.nan if bad_k else np.asarray(rec["camera_intrinsic"], dtype=np.float64)
                 entry["pix_T_cam"] = pix
+                entry["problem"] = "; ".join(p for p in (bad, bad_k) if p) or None
             calib_cache[token] = entry
         return calib_cache[token]
 
-    records = []
+    def _note(issues, bad, needed_for, channel, table, token):
+        if bad:
+            issues.append(dict(needed_for=needed_for, channel=channel, table=table, token=token, reason=bad))
+
+    records, problems = [], []
     for sample in nusc.sample:
         scene_name = nusc.get("scene", sample["scene_token"])["name"]
         if scene_name not in wanted:
             continue
         data = sample["data"]
+        issues: List[dict] = []
+        note = functools.partial(_note, issues)
+
         lidar_sd = nusc.get("sample_data", data[LIDAR_NAME])
+        global_T_ego_lidar, bad = ego_pose(lidar_sd["ego_pose_token"])
+        note(bad, "always", LIDAR_NAME, "ego_pose", lidar_sd["ego_pose_token"])
         rec = {
             "token": sample["token"],
             "scene_name": scene_name,
             "timestamp": int(sample["timestamp"]),
-            "global_T_ego_lidar": ego_pose(lidar_sd["ego_pose_token"]),
+            "global_T_ego_lidar": global_T_ego_lidar,
             "cams": {},
             "sweeps": {},
         }
         for cam in CAMERA_NAMES:
             sd = nusc.get("sample_data", data[cam])
             c = calib(sd["calibrated_sensor_token"])
+            note(c["problem"], "always", cam, "calibrated_sensor", sd["calibrated_sensor_token"])
+            if "pix_T_cam" not in c:
+                note("no camera_intrinsic", "always", cam, "calibrated_sensor", sd["calibrated_sensor_token"])
+            global_T_ego, bad = ego_pose(sd["ego_pose_token"])
+            note(bad, "always", cam, "ego_pose", sd["ego_pose_token"])
             rec["cams"][cam] = {
                 "path": sd["filename"],
                 "width": int(sd["width"]),
                 "height": int(sd["height"]),
                 "timestamp": int(sd["timestamp"]),
-                "pix_T_cam": c["pix_T_cam"],
+                "pix_T_cam": c.get("pix_T_cam", NAN_POSE),
                 "ego_T_cam": c["ego_T_sensor"],
-                "global_T_ego": ego_pose(sd["ego_pose_token"]),
+                "global_T_ego": global_T_ego,
             }
         for chan in SWEEP_CHANNELS:
             if chan not in data:
                 continue
+            needed_for = "lidar" if chan == LIDAR_NAME else "radar"
             paths, mats, egos, stamps = [], [], [], []
             sd = nusc.get("sample_data", data[chan])
             for _ in range(max(1, nsweeps)):
                 c = calib(sd["calibrated_sensor_token"])
+                note(c["problem"], needed_for, chan, "calibrated_sensor", sd["calibrated_sensor_token"])
+                global_T_ego, bad = ego_pose(sd["ego_pose_token"])
+                note(bad, needed_for, chan, "ego_pose", sd["ego_pose_token"])
                 paths.append(sd["filename"])
-                egos.append(ego_pose(sd["ego_pose_token"]))
-                mats.append(egos[-1] @ c["ego_T_sensor"])
+                egos.append(global_T_ego)
+                mats.append(global_T_ego @ c["ego_T_sensor"])
                 stamps.append(int(sd["timestamp"]))
                 if sd["prev"] == "":
                     break
@@ -271,6 +397,8 @@ def build_records(dataroot: Path, version: str, scenes: Sequence[str], nsweeps: 
                 "timestamps": np.asarray(stamps, dtype=np.int64),
             }
         anns = [nusc.get("sample_annotation", t) for t in sample["anns"]]
+        for a in anns:
+            note(box_problem(a), "always", "boxes", "sample_annotation", a["token"])
         rec["boxes"] = {
             "center": np.asarray([a["translation"] for a in anns], dtype=np.float64).reshape(-1, 3),
             "wlh": np.asarray([a["size"] for a in anns], dtype=np.float64).reshape(-1, 3),
@@ -280,8 +408,9 @@ def build_records(dataroot: Path, version: str, scenes: Sequence[str], nsweeps: 
             "visibility": np.asarray([int(a["visibility_token"] or 0) for a in anns], dtype=np.int64),
         }
         records.append(rec)
-    records.sort(key=lambda r: (r["scene_name"], r["timestamp"]))
-    return records
+        problems.append(issues)
+    order = sorted(range(len(records)), key=lambda i: (records[i]["scene_name"], records[i]["timestamp"]))
+    return [records[i] for i in order], {k: problems[i] for k, i in enumerate(order) if problems[i]}
 
 
 # -- cache -----------------------------------------------------------------------------------------
@@ -322,7 +451,8 @@ def load_index(
             with open(path, "rb") as f:
                 blob = pickle.load(f)
             if blob.get("format") == INDEX_FORMAT:
-                info.update(cache_hit=True, seconds=time.perf_counter() - t0, nsweeps=blob["nsweeps"])
+                info.update(cache_hit=True, seconds=time.perf_counter() - t0, nsweeps=blob["nsweeps"],
+                            problems=blob["problems"])
                 return PackedRecords(offsets=blob["offsets"], data=blob["data"]), info
         except (OSError, pickle.UnpicklingError, EOFError, KeyError, AttributeError):
             pass  # unreadable cache: rebuild and overwrite it
@@ -330,10 +460,11 @@ def load_index(
         print(f"[bevtrain] building the {version}/{split_name} index from {root} (once; cached in {cdir})")
     if scenes is None:
         scenes = official_split_scenes(split_name)
-    records = build_records(root, version, scenes, nsweeps)
+    records, problems = build_records(root, version, scenes, nsweeps)
     packed = PackedRecords(records)
     cdir.mkdir(parents=True, exist_ok=True)
-    blob = {"format": INDEX_FORMAT, "nsweeps": nsweeps, "offsets": packed.offsets, "data": packed.data}
+    blob = {"format": INDEX_FORMAT, "nsweeps": nsweeps, "offsets": packed.offsets, "data": packed.data,
+            "problems": problems}
     fd, tmp = tempfile.mkstemp(dir=cdir, prefix=".tmp_index_")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -342,7 +473,7 @@ def load_index(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    info.update(cache_hit=False, seconds=time.perf_counter() - t0, nsweeps=nsweeps)
+    info.update(cache_hit=False, seconds=time.perf_counter() - t0, nsweeps=nsweeps, problems=problems)
     if verbose:
         mb = packed.nbytes / 1e6
         print(f"[bevtrain] index: {len(packed)} samples in {info['seconds']:.1f}s ({mb:.1f} MB)")

@@ -1,0 +1,313 @@
+"""Check every file and calibration a split's index references, before a run trips over one.
+
+    python -m bevtrain.data.verify --data_dir=/data/nuscenes --dset=trainval [--split=train] \
+        [--nsweeps=3] [--workers=N] [--decode_factor=8]
+
+What is checked (the same index the dataset reads, so the same files):
+- camera JPEGs: start and end-of-image markers (a truncated file has no FFD9), the frame header's
+  size equal to the index's width x height, and a full entropy decode (at 1/decode_factor scale:
+  every coefficient is still decoded, only the inverse DCT is smaller) during which libjpeg must
+  not report corrupt data ("Corrupt JPEG data: premature end of data segment", ...), which cv2 only
+  prints on stderr;
+- lidar ``.pcd.bin``: present, size a non-zero multiple of 20 bytes (5 float32 per point);
+- radar ``.pcd``: a readable binary PCD header and a payload of the header's point count (plus
+  fewer than one point's bytes: nuScenes' files end with one extra byte);
+- calibrations, ego poses and boxes: finite, unit quaternions, fx, fy > 0 (checked when the index is
+  built; see ``index.py``); a table that is not valid JSON.
+
+Files run in parallel over ``--workers`` processes with a progress bar; the summary gives counts per
+problem and the first offenders with their paths and samples. Exit status 0 when everything is
+good, 1 when anything is bad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from typing import Dict, Iterable, List, Tuple
+
+import cv2
+
+from bevtrain.data import augment, points
+from bevtrain.data.index import CAMERA_NAMES, LIDAR_NAME, DataLayoutError, DataTableError, load_index
+from bevtrain.progress import Progress
+
+LIDAR_RECORD_BYTES = 5 * 4  # x, y, z, intensity, ring as float32
+PROBLEM_TITLES = {
+    "missing": "file missing or unreadable",
+    "not_jpeg": "not a JPEG",
+    "truncated": "JPEG truncated (no end-of-image marker)",
+    "corrupt": "JPEG corrupt (libjpeg reports bad data)",
+    "size": "JPEG of the wrong size",
+    "lidar_size": "lidar file size not a multiple of 20 bytes",
+    "radar": "radar file unreadable or truncated",
+    "calibrated_sensor": "calibration not finite / out of range",
+    "ego_pose": "ego pose not finite",
+    "sample_annotation": "box not finite",
+    "table": "table not valid JSON",
+}
+CHUNK = 16  # files per task: small enough for a smooth progress bar, large enough to amortise IPC
+
+Job = Tuple[str, str, Tuple[int, int] | None]  # (kind, absolute path, expected (w, h) for JPEGs)
+
+
+# -- checks (run in worker processes) ---------------------------------------------------------------
+class _StderrCapture:
+    """What C code prints on fd 2 while a call runs: libjpeg's only report of corrupt data (cv2 has no
+    API for it). Used in verify's own processes only, where nothing else writes to stderr meanwhile."""
+
+    def __init__(self):
+        self._file = tempfile.TemporaryFile()
+
+    def call(self, fn, *args):
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        try:
+            result = fn(*args)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        self._file.seek(0)
+        text = self._file.read().decode("utf-8", "replace").strip()
+        self._file.seek(0)
+        self._file.truncate()
+        return result, text
+
+
+_CAPTURE: _StderrCapture | None = None
+
+
+def check_jpeg(path: str, want_wh: Tuple[int, int], factor: int = 8) -> Tuple[str, str] | None:
+    """(problem kind, message) for a camera image, or None when it is good."""
+    global _CAPTURE
+    try:
+        buf = augment.read_jpeg_bytes(path)
+    except augment.ImageReadError as e:
+        return e.kind, str(e)
+    size = augment.jpeg_size(buf)
+    if size != tuple(want_wh):
+        got = "no frame header" if size is None else f"{size[0]}x{size[1]}"
+        return "size", f"image {path} is {got}, but the index says {want_wh[0]}x{want_wh[1]}"
+    if _CAPTURE is None:
+        _CAPTURE = _StderrCapture()
+    img, message = _CAPTURE.call(cv2.imdecode, buf, augment._REDUCED_FLAGS[factor])
+    if img is None or message:
+        return "corrupt", f"image {path}: " + (message.replace("\n", "; ") or "cv2 cannot decode it")
+    if img.shape[1::-1] != augment.decoded_size(want_wh, factor):
+        return "size", f"image {path} decodes to {img.shape[1]}x{img.shape[0]} at 1/{factor} scale"
+    return None
+
+
+def check_lidar(path: str) -> Tuple[str, str] | None:
+    try:
+        size = os.stat(path).st_size
+    except OSError as e:
+        return "missing", f"lidar file {path}: {e.strerror or e}"
+    if size == 0 or size % LIDAR_RECORD_BYTES:
+        return "lidar_size", (f"lidar file {path} has {size} bytes, not a non-zero multiple of "
+                              f"{LIDAR_RECORD_BYTES}")
+    return None
+
+
+def _pcd_payload(blob: bytes) -> Tuple[int, int, int]:
+    """(payload offset, point count, bytes per point) of a binary PCD (header already validated)."""
+    header, pos = {}, 0
+    while True:
+        end = blob.index(b"\n", pos)
+        key, _, val = blob[pos:end].decode("ascii", "replace").strip().partition(" ")
+        header[key] = val.split()
+        pos = end + 1
+        if key == "DATA":
+            break
+    count = int(header["WIDTH"][0]) * int(header.get("HEIGHT", ["1"])[0])
+    return pos, count, sum(int(s) for s in header["SIZE"])
+
+
+def check_radar(path: str) -> Tuple[str, str] | None:
+    if not os.path.isfile(path):
+        return "missing", f"radar file {path} does not exist"
+    try:
+        points.read_radar(path)
+        with open(path, "rb") as f:
+            blob = f.read()
+        offset, count, itemsize = _pcd_payload(blob)
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        return "radar", str(e) if path in str(e) else f"radar file {path}: {e}"
+    payload = len(blob) - offset
+    # nuScenes' files end with one byte after the points (the devkit's reader asserts that it is there)
+    if not count * itemsize <= payload < (count + 1) * itemsize:
+        return "radar", (f"radar file {path}: payload of {payload} bytes is not {count} points of "
+                         f"{itemsize} bytes")
+    return None
+
+
+def _check_chunk(args) -> List[Tuple[str, Tuple[str, str] | None]]:
+    jobs, factor = args
+    out = []
+    for kind, path, wh in jobs:
+        if kind == "jpeg":
+            out.append((path, check_jpeg(path, wh, factor)))
+        elif kind == "lidar":
+            out.append((path, check_lidar(path)))
+        else:
+            out.append((path, check_radar(path)))
+    return out
+
+
+# -- collecting what the index references ------------------------------------------------------------
+def collect(records, dataroot: str, nsweeps: int) -> Tuple[Dict[str, Job], Dict[str, str]]:
+    """Files to check (path -> job, each once) and the first sample token using each path."""
+    jobs: Dict[str, Job] = {}
+    owner: Dict[str, str] = {}
+    for rec in records:
+        for cam in CAMERA_NAMES:
+            c = rec["cams"][cam]
+            path = os.path.join(dataroot, c["path"])
+            jobs.setdefault(path, ("jpeg", path, (int(c["width"]), int(c["height"]))))
+            owner.setdefault(path, rec["token"])
+        for chan, sweeps in rec["sweeps"].items():
+            kind = "lidar" if chan == LIDAR_NAME else "radar"
+            for rel in sweeps["paths"][:nsweeps]:
+                path = os.path.join(dataroot, rel)
+                jobs.setdefault(path, (kind, path, None))
+                owner.setdefault(path, rec["token"])
+    return jobs, owner
+
+
+def run_checks(jobs: Iterable[Job], workers: int, factor: int, progress: bool = True):
+    """[(path, problem or None)] for every job, over ``workers`` processes, with a progress bar."""
+    jobs = list(jobs)
+    chunks = [(jobs[i : i + CHUNK], factor) for i in range(0, len(jobs), CHUNK)]
+    bar = Progress(len(jobs), progress, label="verify", unit="files")
+    results, done = [], 0
+    # The processes are the parallelism. cv2's thread count is set here, before fork(): setting it in a
+    # forked child tears down a thread pool copied half-owned from the parent, which deadlocks.
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        for part in pool.imap_unordered(_check_chunk, chunks) if pool else map(_check_chunk, chunks):
+            results.extend(part)
+            done += len(part)
+            bar.update(done)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        cv2.setNumThreads(threads)
+    bar.close(done)
+    return results
+
+
+# -- the command -------------------------------------------------------------------------------------
+def verify(data_dir: str, dset: str = "trainval", splits=("train", "val"), nsweeps: int = 3,
+           workers: int | None = None, decode_factor: int = 8, cache_dir=None, show: int = 5,
+           progress: bool = True, out=None) -> dict:
+    """Check the splits; print a summary to ``out``; return {'problems': {kind: [(path, sample,
+    message)]}, 'files', 'samples', 'seconds', ...}."""
+    t0 = time.perf_counter()
+    problems: Dict[str, List[Tuple[str, str, str]]] = defaultdict(list)
+    jobs: Dict[str, Job] = {}
+    owner: Dict[str, str] = {}
+    n_samples, version, root = 0, "", data_dir
+    seen_index = set()
+    for split in splits:
+        try:
+            records, info = load_index(data_dir, dset, split, nsweeps, cache_dir, verbose=progress)
+        except DataTableError as e:
+            problems["table"].append(("", "", str(e)))
+            break
+        version, root = info["version"], info["dataroot"]
+        n_samples += len(records)
+        for i, issues in sorted(info["problems"].items()):
+            rec = records[i]
+            for p in issues:
+                key = (p["table"], p["token"], rec["token"])
+                if key not in seen_index:
+                    seen_index.add(key)
+                    table = os.path.join(root, version, p["table"] + ".json")
+                    why = f"{p['channel']}: {p['table']} {p['token']} in {table}: {p['reason']}"
+                    why += f" (needed for {p['needed_for']})"
+                    problems[p["table"]].append((table, rec["token"], why))
+        split_jobs, split_owner = collect(records, root, nsweeps)
+        for path, job in split_jobs.items():
+            jobs.setdefault(path, job)
+            owner.setdefault(path, split_owner[path])
+    t_index = time.perf_counter() - t0
+    workers = workers or os.cpu_count() or 1
+    t1 = time.perf_counter()
+    results = run_checks(jobs.values(), workers, decode_factor, progress)
+    t_files = time.perf_counter() - t1
+    for path, problem in results:
+        if problem is not None:
+            problems[problem[0]].append((path, owner.get(path, ""), problem[1]))
+    counts = defaultdict(int)
+    for kind, _, _ in jobs.values():
+        counts[kind] += 1
+    summary = {
+        "dataroot": root, "version": version, "splits": list(splits), "samples": n_samples,
+        "files": len(jobs),
+        "jpegs": counts["jpeg"], "lidar_files": counts["lidar"], "radar_files": counts["radar"],
+        "seconds": time.perf_counter() - t0, "index_seconds": t_index, "file_seconds": t_files,
+        "files_per_s": len(jobs) / max(t_files, 1e-9), "samples_per_s": n_samples / max(t_files, 1e-9),
+        "workers": workers, "decode_factor": decode_factor,
+        "problems": {k: sorted(v, key=lambda x: x[0]) for k, v in problems.items()},
+    }
+    print(format_summary(summary, show), file=out or sys.stdout, flush=True)
+    return summary
+
+
+def format_summary(s: dict, show: int = 5) -> str:
+    lines = [
+        f"verify {s['dataroot']} ({s['version']}, splits {', '.join(s['splits'])}): {s['samples']} samples, "
+        f"{s['files']} files ({s['jpegs']} JPEGs, {s['lidar_files']} lidar, {s['radar_files']} radar) "
+        f"checked in {s['file_seconds']:.1f} s with {s['workers']} processes: "
+        f"{s['files_per_s']:.0f} files/s, "
+        f"{s['samples_per_s']:.1f} samples/s (index {s['index_seconds']:.1f} s)"
+    ]
+    total = sum(len(v) for v in s["problems"].values())
+    if not total:
+        lines.append("all good: no problems found")
+        return "\n".join(lines)
+    lines.append(f"{total} problem(s):")
+    for kind, items in sorted(s["problems"].items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"  {PROBLEM_TITLES.get(kind, kind)}: {len(items)}")
+        for _path, sample, message in items[:show]:
+            where = f"sample {sample}: " if sample else ""
+            lines.append(f"    {where}{message}")
+        if len(items) > show:
+            lines.append(f"    ... and {len(items) - show} more")
+    lines.append("Fix or re-copy these files, or train with --bad_samples=skip (samples left out and listed "
+                 "in <log_dir>/<run>/bad_samples.jsonl, up to --max_bad_fraction of a split).")
+    return "\n".join(lines)
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bevtrain.data.verify", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data_dir", required=True, help="nuScenes dataroot (v1.0-*/, samples/, sweeps/)")
+    ap.add_argument("--dset", default="trainval", help="trainval, mini, or a split file (as for training)")
+    ap.add_argument("--split", default="train,val", help="split(s) to check, comma separated")
+    ap.add_argument("--nsweeps", type=int, default=3, help="lidar/radar sweeps per sample referenced")
+    ap.add_argument("--workers", type=int, default=0, help="processes (0 = one per CPU core)")
+    ap.add_argument("--decode_factor", type=int, default=8, choices=(1, 2, 4, 8),
+                    help="decode JPEGs at 1/N scale (all data is still entropy-decoded; 1 = full decode)")
+    ap.add_argument("--cache_dir", default="", help="index cache folder ('' = the default)")
+    ap.add_argument("--show", type=int, default=5, help="offenders listed per problem")
+    args = ap.parse_args(None if argv is None else list(argv))
+    try:
+        summary = verify(args.data_dir, args.dset, [s for s in args.split.split(",") if s], args.nsweeps,
+                         args.workers or None, args.decode_factor, args.cache_dir or None, args.show)
+    except (DataLayoutError, ValueError) as e:
+        print(f"verify: {e}", file=sys.stderr)
+        return 1
+    return 1 if summary["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
