@@ -298,3 +298,53 @@ def test_clear_errors_for_missing_and_corrupt_files(synthetic_root, cache, tmp_p
         ds[0]
     with pytest.raises(FileNotFoundError, match="v1.0-mini"):
         NuScenesBEVDataset(tmp_path, dset="mini", split="val", cache_dir=cache)
+
+
+def test_ref_T_ego_is_the_lidar_keyframe_ego_pose_in_the_reference_frame(synthetic_root, tmp_path):
+    """ref_T_ego (the ego origin and heading for the distance bands and the BEV drawings) maps the ego
+    frame at the LIDAR_TOP keyframe, Simple-BEV's sample ego, into the reference frame: checked
+    against the devkit's ego_pose and calibrated_sensor tables."""
+    import json
+    import shutil
+
+    from nuscenes.nuscenes import NuScenes
+    from nuscenes.utils.geometry_utils import transform_matrix
+    from pyquaternion import Quaternion
+
+    # The synthetic keyframes share one timestamp and ego pose across sensors; move the LIDAR_TOP
+    # keyframes' ego poses (1.5 m, 3 degrees of yaw) in a copy so that the two poses differ.
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    tables = root / "v1.0-mini"
+    lidar_poses = {r["ego_pose_token"] for r in json.loads((tables / "sample_data.json").read_text())
+                   if r["is_key_frame"] and "/LIDAR_TOP/" in r["filename"]}
+    poses = json.loads((tables / "ego_pose.json").read_text())
+    yaw = Quaternion(axis=[0, 0, 1], degrees=3)
+    for rec in poses:
+        if rec["token"] in lidar_poses:
+            x, y, z = rec["translation"]
+            rec["translation"] = [x + 1.2, y - 0.9, z]
+            rec["rotation"] = list((yaw * Quaternion(rec["rotation"])).elements)
+    (tables / "ego_pose.json").write_text(json.dumps(poses))
+    nusc = NuScenes("v1.0-mini", dataroot=str(root), verbose=False)
+
+    def pose(table, token):
+        rec = nusc.get(table, token)
+        return transform_matrix(rec["translation"], Quaternion(rec["rotation"]))
+
+    ds = _ds(root, tmp_path / "cache")  # validation: CAM_FRONT is the reference camera, no flips
+    for i in (0, len(ds) - 1):
+        out = ds[i]
+        sample = nusc.get("sample", out["sample_token"])
+        lidar = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
+        front = nusc.get("sample_data", sample["data"]["CAM_FRONT"])
+        global_T_cam = pose("ego_pose", front["ego_pose_token"]) @ pose(
+            "calibrated_sensor", front["calibrated_sensor_token"])
+        # the reference frame is tied to CAM_FRONT at its own timestamp by cams_T_ref[0]
+        ref_T_cam = np.linalg.inv(out["cams_T_ref"][0].double().numpy())
+        ref_T_global = ref_T_cam @ np.linalg.inv(global_T_cam)
+        expected = ref_T_global @ pose("ego_pose", lidar["ego_pose_token"])
+        np.testing.assert_allclose(out["ref_T_ego"].double().numpy(), expected, atol=1e-4, rtol=0)
+        # the ego at the camera's timestamp is elsewhere (so the check above can fail)
+        at_camera = ref_T_global @ pose("ego_pose", front["ego_pose_token"])
+        assert np.abs(at_camera - expected)[:3, 3].max() > 1.0

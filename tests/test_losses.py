@@ -143,3 +143,21 @@ def test_uncertainty_weights_learn_to_their_optimum():
     assert model.ce_weight.item() == pytest.approx(math.log(20 * parts["ce"].item()), abs=0.02)
     assert model.center_weight.item() == pytest.approx(math.log(parts["center"].item()), abs=0.02)
     assert model.offset_weight.item() == pytest.approx(math.log(parts["offset"].item()), abs=0.02)
+
+
+def test_bce_pos_weight_is_simple_bevs_2_13():
+    # Simple-BEV trains with SimpleLoss(2.13) (train_nuscenes.py, "value from lift-splat"): BCE whose
+    # positive term is weighted 2.13, averaged over valid pixels. At logit 0 a positive pixel costs
+    # 2.13 log 2 and a negative log 2: one positive and three negatives average (2.13 + 3) log 2 / 4.
+    seg = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    zeros = torch.zeros_like(seg)
+    batch = {"seg_bev": seg, "valid_bev": torch.ones_like(seg), "center_bev": zeros,
+             "offset_bev": torch.zeros(1, 2, 2, 2)}
+    out = {"seg": zeros, "center": zeros, "offset": torch.zeros(1, 2, 2, 2)}
+    _, parts = compute_losses(out, batch, Weights())  # the training path, default pos_weight
+    assert parts["ce"].item() == pytest.approx((2.13 + 3) * math.log(2) / 4, rel=1e-6)
+    # The weight multiplies the positive term only: a confidently wrong positive (logit -20) costs
+    # 2.13 x 20, a confidently wrong negative (logit +20) 20.
+    wrong = {**out, "seg": torch.tensor([[[[-20.0, 20.0], [-20.0, -20.0]]]])}
+    _, parts = compute_losses(wrong, batch, Weights())
+    assert parts["ce"].item() == pytest.approx((2.13 * 20 + 20) / 4, rel=1e-6)

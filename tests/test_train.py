@@ -13,7 +13,7 @@ import torch
 
 from bevtrain import train as train_mod
 from bevtrain.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from bevtrain.config import ConfigError
+from bevtrain.config import ConfigError, resolve_config
 from bevtrain.distributed import per_rank_batch
 from bevtrain.train import NonFiniteLossError, main
 
@@ -235,3 +235,72 @@ def test_grad_clip_clips_the_micro_batch_sum_as_simple_bev(tmp_path, synthetic_r
         scale = grad_clip / (total + 1e-6)  # torch's (and Simple-BEV's) clip_grad_norm_ rule
         for ours, sb_sum in zip(after, summed):
             torch.testing.assert_close(ours * grad_acc, sb_sum * scale, rtol=1e-4, atol=1e-9)
+
+
+def test_grad_acc_averages_micro_batches_like_one_big_batch(tmp_path, synthetic_root, monkeypatch):
+    """The optimiser sees the same gradient for grad_acc=k micro-batches of b as for one batch of k*b
+    (the loss is divided by grad_acc; Simple-BEV summed instead, k times larger).
+
+    What makes the identity exact: the losses are masked means over the whole batch, so a batch's mean
+    equals the mean of its micro-batches' means only when every micro-batch has the same mask counts;
+    BatchNorm in training mode mixes the samples of a forward. So the k*b samples here are one sample
+    under different flips (images flipped, BEV mirrored: different inputs and targets, equal counts),
+    and BatchNorm runs in eval mode. Clipping is off (grad_clip=0): this pins the normalisation only.
+    """
+    from bevtrain import build
+
+    real_dataset, real_model = build.build_dataset, build.build_model
+    epochs = [0, 1, 2, 3]  # sample 0 drawn at these epochs: four different flip draws
+
+    class FlipsOfOneSample(torch.utils.data.Dataset):
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getattr__(self, name):
+            return getattr(self.ds, name)
+
+        def __getitem__(self, item):
+            return self.ds[(0, epochs[item[0] % len(epochs)])]
+
+    def dataset(cfg, split="train", is_train=True):
+        return FlipsOfOneSample(real_dataset(cfg, split=split, is_train=is_train))
+
+    def model_with_frozen_bn(cfg):
+        model = real_model(cfg)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.train = (lambda self, mode=True: torch.nn.Module.train(self, False)).__get__(m)
+        return model
+
+    grads, run = {}, {}
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            params = [p for g in self.param_groups for p in g["params"]]
+            grads[run["key"]] = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()
+                                           for p in params])
+            return super().step(closure)
+
+    monkeypatch.setattr(build, "build_dataset", dataset)
+    monkeypatch.setattr(build, "build_model", model_with_frozen_bn)
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    flags = tiny(tmp_path, synthetic_root, max_iters=1, do_val=False, shuffle=False, grad_clip=0.0,
+                 rand_flip=True, rand_crop_and_resize=False, do_shuffle_cams=False, device="cpu")
+    for key in [(1, 4), (2, 2), (4, 1)]:  # (batch_size, grad_acc)
+        run["key"] = key
+        main(**{**flags, "batch_size": key[0], "grad_acc": key[1], "exp_name": f"acc{key[1]}"})
+
+    # the four micro-batches differ, with equal mask counts
+    ds = FlipsOfOneSample(real_dataset(resolve_config(flags)[0], split="train", is_train=True))
+    samples = [ds[(i, 0)] for i in range(4)]
+    for a, b in zip(samples, samples[1:]):
+        assert any(not torch.equal(a[k], b[k]) for k in ("images", "cams_T_ref", "seg_bev"))
+        for k in ("seg_bev", "valid_bev", "center_bev"):
+            assert (a[k] > 0.5).sum() == (b[k] > 0.5).sum() and (a[k] > 0).sum() == (b[k] > 0).sum()
+    big = grads[(4, 1)]
+    for key in [(1, 4), (2, 2)]:
+        rel = ((grads[key] - big).norm() / big.norm()).item()
+        assert rel < 1e-4, (key, rel)
