@@ -281,3 +281,23 @@ def test_verify_finds_and_names_every_kind_of_bad_file(data_copy, tmp_path, caps
         assert str(what) in out, (what, out)
     assert "premature end of data segment" in out
     assert "1592x896" in out
+
+
+@pytest.mark.slow  # four short runs: ~3 min on 2 busy cores
+def test_skip_keeps_resume_exact(data_copy, tmp_path):
+    ds = _train_ds(data_copy, tmp_path)
+    path, rec = _cam_file(data_copy, ds, 5, "CAM_BACK")  # met in step 3 (batch 2, shuffle off)
+    _truncate(path)
+    flags = _tiny(tmp_path, data_copy, max_iters=4, bad_samples="skip", max_bad_fraction=0.05)
+    straight = main(**{**flags, "exp_name": "straight"})
+    first = main(**{**flags, "exp_name": "split", "ckpt_dir": str(tmp_path / "ckpt2")}, stop_at=2)
+    assert first["step"] == 2 and not (tmp_path / "logs" / first["run_name"] / "bad_samples.jsonl").exists()
+    second = main(resume=True, ckpt_dir=str(tmp_path / "ckpt2"), log_dir=str(tmp_path / "logs"))
+    assert second["step"] == 4
+
+    def losses(res):
+        return [(r["step"], r["loss"]) for r in res["history"] if r["split"] == "train"]
+
+    assert losses(first) + losses(second) == losses(straight)
+    reports = [[json.loads(x) for x in open(f"{r['log_dir']}/bad_samples.jsonl")] for r in (straight, second)]
+    assert reports[0] == reports[1] and [e["token"] for e in reports[0]] == [rec["token"]]
