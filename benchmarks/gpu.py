@@ -252,9 +252,13 @@ def _timed_out(run: Dict[str, Any]) -> str:
 def child_train(spec: Dict[str, Any]) -> None:
     import torch
 
+    from bevtrain.train import StoppedBySignal
     from bevtrain.train import main as train_main
 
-    summary = train_main(**spec["flags"])
+    try:
+        summary = train_main(**spec["flags"])
+    except StoppedBySignal as stop:  # the time limit's SIGTERM: a checkpoint was saved, report the run
+        summary = stop.summary
     keys = ("run_name", "step", "status", "log_dir", "ckpt_dir", "checkpoint", "seconds")
     out = {k: summary[k] for k in keys}
     if torch.cuda.is_available():

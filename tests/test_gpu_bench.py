@@ -151,7 +151,7 @@ def test_training_over_its_time_limit_stops_with_a_checkpoint_and_eval_still_run
                          "--budget", "100")
     t = res["train"]
     assert res["model"] == []
-    assert "SIGTERM" in t["note"] and t["status"] == "stopped" and 1 <= t["steps_done"] < 100000
+    assert "SIGTERM" in t["note"] and t["status"] == "signalled" and 1 <= t["steps_done"] < 100000
     assert Path(t["checkpoint"]).is_file()
     assert res["eval"]["samples"] == val_split_size(synthetic_root)
     assert "stopped by SIGTERM" in md
