@@ -9,11 +9,16 @@ data settings, so evaluation matches training; command-line flags override it an
 Every val sample is read exactly once across all ranks (the val sampler shards without padding;
 a per-sample tally, summed over ranks, proves it). Outputs, beside the checkpoint unless told:
 
-- ``metrics.json``: checkpoint, step, config, data, sample count, both protocols, distance
+- ``viz-<step>-<dataset tag>-<split>/`` (e.g. ``viz-000000600-synthetic-1a2b3c-mini-val``; the
+  tag is the dataroot's folder name, a short hash of its absolute path and the dset, so two
+  dataroots never share a folder): one PNG composite per visualised sample (``--viz_every``,
+  ``--max_viz``), one animated GIF per scene (written with Pillow), and this evaluation's
+  ``metrics.json``: checkpoint, step, config, data, sample count, both protocols, distance
   bands, samples/s;
-- ``viz-<step>/``: one PNG composite per visualised sample (``--viz_every``, ``--max_viz``)
-  and one animated GIF per scene (GIFs are written with Pillow);
-- TensorBoard ``<log_dir>/<run>/eval``: the numbers and the composites at the checkpoint's step.
+- ``metrics.json`` beside the checkpoint: a copy of the latest evaluation's (``--metrics_path``
+  writes only there instead);
+- TensorBoard ``<log_dir>/<run>/eval-<dataset tag>-<split>``: the numbers and the composites
+  at the checkpoint's step.
 
 GIFs and TensorBoard images are assembled by rank 0 from the PNG files, so with several machines
 ``viz_dir`` should be on a shared file system.
@@ -21,6 +26,7 @@ GIFs and TensorBoard images are assembled by rank 0 from the PNG files, so with 
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import math
@@ -239,6 +245,21 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     return obj
+
+
+def dataset_tag(data_dir: str | Path, dset: str) -> str:
+    """A readable name for a dataset that differs between dataroots: the dataroot's folder name,
+    a short hash of its absolute path (two folders may share a name) and the nuScenes version."""
+    root = Path(data_dir).expanduser().resolve()
+    digest = hashlib.sha1(str(root).encode()).hexdigest()[:6]
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in root.name) or "root"
+    return f"{name}-{digest}-{dset}"
+
+
+def evaluated_name(data_dir: str | Path, dset: str, split: str) -> str:
+    """``<dataset tag>-<split>``, e.g. ``synthetic-1a2b3c-mini-val``: names the folders of an
+    evaluation (``viz-<step>-...``, TensorBoard ``eval-...``), so other data or splits never share them."""
+    return f"{dataset_tag(data_dir, dset)}-{split}"
 
 
 def _png_name(scene: str, index: int) -> str:
@@ -513,7 +534,8 @@ def _evaluate(
     per_rank = max(1, math.ceil(cfg.batch_size / info.world_size))
     chosen = viz_indices(n, viz_every, max_viz)
     run_dir = ckpt_file.parent
-    out_viz = Path(viz_dir) if viz_dir else run_dir / f"viz-{step:09d}"
+    evaluated = evaluated_name(cfg.data_dir, cfg.dset, split)
+    out_viz = Path(viz_dir) if viz_dir else run_dir / f"viz-{step:09d}-{evaluated}"
 
     if viz_only:
         if not chosen:
@@ -610,19 +632,29 @@ def _evaluate(
             f"[eval] {counted} samples in {wall:.1f} s: {summary['samples_per_s']:.2f} samples/s "
             f"(model alone {summary['model_samples_per_s'] or 0:.2f})"
         )
+        metrics_files = []
         if not viz_only:
-            path = Path(metrics_path) if metrics_path else run_dir / "metrics.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
-            summary["metrics_path"] = str(path)
-            say(f"[eval] wrote {path}")
+            # This evaluation's own copy beside its pictures (never overwritten by another dataset's),
+            # and <run>/metrics.json (or --metrics_path) for the latest evaluation.
+            metrics_files = [Path(metrics_path)] if metrics_path else [out_viz / "metrics.json",
+                                                                       run_dir / "metrics.json"]
+            text = json.dumps(_json_safe(summary), indent=2) + "\n"
+            for path in metrics_files:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+            summary["metrics_path"] = str(metrics_files[0])
         gifs = write_scene_gifs([Path(p) for p in pngs], gif_fps, gif_scale)
         summary["viz_dir"] = str(out_viz) if chosen else None
         summary["gifs"] = [str(g) for g in gifs]
-        if chosen:
-            say(f"[eval] {len(pngs)} composites and {len(gifs)} scene GIFs in {out_viz}")
         if tensorboard:
-            summary["tensorboard"] = _write_tensorboard(cfg, run_dir, step, summary, result, pngs)
+            summary["tensorboard"] = _write_tensorboard(cfg, run_dir, step, summary, result, pngs, evaluated)
+        if chosen:
+            say(f"[eval] pictures: {len(pngs)} composites (PNG) and {len(gifs)} scene GIFs in {out_viz}")
+        if metrics_files:
+            also = f" (and {metrics_files[1]}, the latest evaluation's)" if len(metrics_files) > 1 else ""
+            say(f"[eval] metrics: {metrics_files[0]}{also}")
+        if tensorboard:
+            say(f"[eval] TensorBoard: tensorboard --logdir={summary['tensorboard']}")
     summary["pngs"] = pngs  # every rank's, on every rank
     return summary
 
@@ -634,10 +666,12 @@ def _write_tensorboard(
     summary: Mapping[str, Any],
     result: Mapping[str, Any],
     pngs: Sequence[str],
+    evaluated: str,
 ) -> str:
     from torch.utils.tensorboard import SummaryWriter
 
-    tb_dir = Path(cfg.log_dir) / run_dir.name / "eval"
+    # One folder per evaluated dataset and split: their images and curves share tags and steps.
+    tb_dir = Path(cfg.log_dir) / run_dir.name / f"eval-{evaluated}"
     writer = SummaryWriter(str(tb_dir))
     try:
         # The raster is in the tag: numbers scored against different ground truths are separate curves.

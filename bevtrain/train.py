@@ -42,7 +42,7 @@ from bevtrain.checkpoint import (
     resolve_resume,
     restore_rng,
 )
-from bevtrain.config import Config, ConfigError, dump_yaml, fill_legacy, resolve_config, run_name
+from bevtrain.config import DEFAULTS, Config, ConfigError, dump_yaml, fill_legacy, resolve_config, run_name
 from bevtrain.convert_simplebev import check_simplebev_settings, convert_weights, simplebev_mode
 from bevtrain.data.dataset import BadSampleLog, worker_signals_held
 from bevtrain.distributed import (
@@ -269,6 +269,26 @@ def _trim_log(path: Path, step: int, val_pending: bool) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, path)
+
+
+def next_steps(cfg: Mapping[str, Any], checkpoint: Path, log_run: Path) -> List[str]:
+    """What to do with a finished run: its checkpoint, the eval command, the TensorBoard command.
+
+    The eval command names data_dir / dset when they are not the defaults, so that pasting it
+    (from the same folder) evaluates on the data the run was trained on, whatever eval's defaults.
+    """
+    eval_cmd = ["python", "eval_nuscenes.py", f"--init_dir={checkpoint.parent}"]
+    if str(cfg["data_dir"]).rstrip("/") != DEFAULTS["data_dir"].rstrip("/"):
+        eval_cmd.append(f"--data_dir={cfg['data_dir']}")
+    if cfg["dset"] != DEFAULTS["dset"]:
+        eval_cmd.append(f"--dset={cfg['dset']}")
+    return [
+        f"[bevtrain] checkpoint: {checkpoint}",
+        "[bevtrain] evaluate it on the whole val split (IoU, PNG/GIF pictures, metrics.json):",
+        f"    {shlex.join(eval_cmd)}",
+        "[bevtrain] watch the curves and BEV pictures in TensorBoard:",
+        f"    {shlex.join(['tensorboard', f'--logdir={log_run}'])}",
+    ]
 
 
 # -- run folders -----------------------------------------------------------------------------------
@@ -798,6 +818,9 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
     elapsed = time.perf_counter() - t_start
     say(f"[bevtrain] {status}: {step - start_step} steps in {format_duration(elapsed)}"
         + (f", last val iou {100 * last_val['iou']:.2f}" if last_val else ""))
+    if saved_path is not None:
+        for line in next_steps(cfg, Path(saved_path), log_run):
+            say(line)
     return {
         "run_name": name, "step": step, "status": status, "log_dir": str(log_run), "ckpt_dir": str(ckpt_run),
         "history": history, "last_val": last_val, "seconds": elapsed,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shlex
+import shutil
 import socket
 from pathlib import Path
 
@@ -103,17 +107,20 @@ def test_every_sample_exactly_once(val_loader):
 
 @pytest.fixture(scope="module")
 def trained_run(synthetic_root, cache, tmp_path_factory):
-    """A checkpoint from a 2-step training run of the real training loop."""
+    """A checkpoint from a 2-step training run of the real training loop (and what it printed)."""
     from bevtrain.train import main as train_main
 
     root = tmp_path_factory.mktemp("run")
-    train_main(
-        **TINY, data_dir=str(synthetic_root), cache_dir=str(cache), max_iters=2, do_val=False,
-        viz_freq=0, log_freq=1, save_freq=2, exp_name="evaltest", ckpt_dir=str(root / "ckpt"),
-        log_dir=str(root / "logs"),
-    )  # fmt: skip
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train_main(
+            **TINY, data_dir=str(synthetic_root), cache_dir=str(cache), max_iters=2, do_val=False,
+            viz_freq=0, log_freq=1, save_freq=2, exp_name="evaltest", ckpt_dir=str(root / "ckpt"),
+            log_dir=str(root / "logs"),
+        )  # fmt: skip
     runs = [p for p in (root / "ckpt").iterdir() if p.is_dir()]
     assert len(runs) == 1
+    (root / "train_stdout.txt").write_text(printed.getvalue())
     return runs[0], root
 
 
@@ -154,7 +161,7 @@ def test_eval_of_a_trained_checkpoint_writes_metrics_and_pictures(trained_run, s
         with Image.open(g) as im:
             assert im.size == (round(expected_hw[1] * 0.5), round(expected_hw[0] * 0.5))
             assert im.n_frames == sum(p.name.startswith(g.stem + "__") for p in pngs)
-    events = list((root / "logs" / run_dir.name / "eval").glob("events.out.tfevents.*"))
+    events = list((root / "logs" / run_dir.name).glob("eval-*-mini-val/events.out.tfevents.*"))
     assert events
 
     # --viz_only draws without scoring the split and leaves metrics.json alone.
@@ -163,6 +170,59 @@ def test_eval_of_a_trained_checkpoint_writes_metrics_and_pictures(trained_run, s
                     viz_dir=str(root / "vizonly"), tensorboard=False)  # fmt: skip
     assert only["samples"] == 2 and len(only["pngs"]) == 2 and "protocols" not in only
     assert (run_dir / "metrics.json").read_text() == before
+
+
+def test_training_prints_a_working_eval_command_and_tensorboard_command(trained_run, synthetic_root):
+    run_dir, root = trained_run
+    lines = (root / "train_stdout.txt").read_text().splitlines()
+    checkpoint = next(line.split(": ", 1)[1] for line in lines if line.startswith("[bevtrain] checkpoint: "))
+    assert Path(checkpoint) == run_dir / "model-000000002.pth" and Path(checkpoint).is_file()
+    eval_cmd = shlex.split(lines[lines.index(next(x for x in lines if "evaluate it" in x)) + 1])
+    tb_cmd = shlex.split(lines[lines.index(next(x for x in lines if "TensorBoard" in x)) + 1])
+    assert eval_cmd[:2] == ["python", "eval_nuscenes.py"] and tb_cmd[0] == "tensorboard"
+    # The data the run trained on is named (not the defaults data/nuscenes + trainval).
+    flags = dict(arg[2:].split("=", 1) for arg in eval_cmd[2:])
+    assert flags == {"init_dir": str(run_dir), "data_dir": str(synthetic_root), "dset": "mini"}
+    summary = evaluate(**flags, viz_every=0, tensorboard=False, metrics_path=str(root / "pasted.json"))
+    assert summary["checkpoint"] == str(Path(checkpoint).resolve()) and summary["samples"] > 0
+    logdir = Path(tb_cmd[1].split("=", 1)[1])
+    assert logdir == root / "logs" / run_dir.name and list((logdir / "t").glob("events.out.tfevents.*"))
+
+
+def test_other_dataroots_and_splits_get_their_own_folders(trained_run, synthetic_root, tmp_path, capsys):
+    """Two dataroots with the same scene names (here: the same folder name too) must not share
+    composites, GIFs, metrics or TensorBoard folders; nor may two splits of one dataroot."""
+    run_dir, root = trained_run
+    twin = tmp_path / synthetic_root.name
+    try:  # hard links: cheap, and nothing here writes into the data
+        shutil.copytree(synthetic_root, twin, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(twin, ignore_errors=True)
+        shutil.copytree(synthetic_root, twin)
+    kw = dict(init_dir=str(run_dir), viz_every=4, max_viz=2, viz_width=VIZ_CELL, nworkers=0,
+              log_dir=str(root / "logs"))  # fmt: skip
+    first = evaluate(**kw)
+    printed = capsys.readouterr().out
+    second = evaluate(**kw, data_dir=str(twin))
+    train_split = evaluate(**kw, split="train", viz_only=True)
+    folders = [Path(r["viz_dir"]) for r in (first, second, train_split)]
+    assert len(set(folders)) == 3 and all(f.parent == run_dir for f in folders)
+    assert folders[0].name.startswith("viz-000000002-" + synthetic_root.name + "-")
+    assert folders[0].name.endswith("-mini-val") and folders[2].name.endswith("-mini-train")
+    # The eval said where its pictures and metrics are.
+    assert f"in {folders[0]}" in printed and f"metrics: {folders[0] / 'metrics.json'}" in printed
+    for result, folder in zip((first, second), folders):
+        pngs = sorted(Path(p) for p in result["pngs"])
+        assert pngs and all(p.parent == folder and p.is_file() for p in pngs)
+        assert all(Path(g).parent == folder for g in result["gifs"])
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["data"]["data_dir"] == result["data"]["data_dir"]
+    # Same scenes, same names: both sets of composites survive, side by side.
+    names = [sorted(Path(p).name for p in r["pngs"]) for r in (first, second)]
+    assert names[0] == names[1]
+    assert all(Path(p).is_file() for p in first["pngs"])
+    assert json.loads((run_dir / "metrics.json").read_text())["data"]["data_dir"] == str(twin)
+    assert first["tensorboard"] != second["tensorboard"]
 
 
 def test_clear_errors(trained_run, synthetic_root, tmp_path):
