@@ -319,7 +319,7 @@ def run_split(
     counted = torch.zeros(n, dtype=torch.int64)  # times each sample entered the metric (this rank)
     want = torch.zeros(n, dtype=torch.int64)
     want[list(expected) if expected is not None else slice(None)] = 1
-    progress = Progress(math.ceil(int(want.sum()) / world_size), show_progress)
+    progress = Progress(math.ceil(int(want.sum()) / world_size), show_progress, label="eval", unit="samples")
     done, forward_s, pngs = 0, 0.0, []
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -105,6 +105,20 @@ def test_every_sample_exactly_once(val_loader):
         run_split(dropping, oracle, n, vox_util, cpu)
 
 
+def test_progress_in_a_log_shows_each_tenth(val_loader, capfd):
+    cfg, ds, loader = val_loader
+    n = len(ds)
+    empty = lambda b: torch.full_like(b["seg_bev"], -20.0)  # noqa: E731
+    run_split(loader, empty, n, build_vox_util(cfg), torch.device("cpu"), show_progress=True)
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("[eval] |")]
+    # stderr is not a terminal here: a line for the first batch and for each further tenth reached.
+    shown = [int(line.split("| ")[1].split("/")[0]) for line in lines]
+    per_batch = list(range(2, n, 2)) + [n]  # batch size 2
+    expected = [d for i, d in enumerate(per_batch) if i == 0 or 10 * d // n > 10 * per_batch[i - 1] // n]
+    assert shown == expected and len(shown) > 2
+    assert f"{n}/{n} 100.0%" in lines[-1] and "samples/s" in lines[-1] and "ETA" in lines[-1]
+
+
 @pytest.fixture(scope="module")
 def trained_run(synthetic_root, cache, tmp_path_factory):
     """A checkpoint from a 2-step training run of the real training loop (and what it printed)."""
