@@ -255,7 +255,7 @@ def main():
     # a live cv2 thread pool (tearing one down in a child deadlocks).
     cv2.setNumThreads(1)
     if args.data_dir == "data/synthetic":
-        from bevtrain.data.synthetic import ensure_synthetic
+        from bevtrain.synthetic import ensure_synthetic
 
         ensure_synthetic(args.data_dir)
 

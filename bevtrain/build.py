@@ -51,7 +51,7 @@ def resolve_data_dir(cfg: Mapping[str, Any], announce: bool = True) -> Config:
             f"(the folder holding v1.0-trainval/ or v1.0-mini/, samples/, sweeps/), or leave the "
             f"default to train on the synthetic set"
         )
-    from bevtrain.data.synthetic import ensure_synthetic
+    from bevtrain.synthetic import ensure_synthetic
 
     synth = Path(cfg.synthetic_dir)
     if announce:

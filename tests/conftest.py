@@ -15,7 +15,7 @@ TEST_SET = dict(keyframes=4, seed=0)
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
-    from bevtrain.data.synthetic import ensure_synthetic
+    from bevtrain.synthetic import ensure_synthetic
 
     root = os.environ.get("BEVTRAIN_TEST_DATA")
     root = Path(root) if root else tmp_path_factory.mktemp("synthetic")

@@ -17,7 +17,7 @@ from nuscenes.utils.geometry_utils import BoxVisibility, transform_matrix, view_
 from nuscenes.utils.splits import create_splits_scenes  # noqa: E402
 from pyquaternion import Quaternion  # noqa: E402
 
-from bevtrain.data.synthetic import (  # noqa: E402
+from bevtrain.synthetic import (  # noqa: E402
     MARKER,
     MINI_SCENES,
     PROBE_CATEGORIES,
@@ -27,8 +27,9 @@ from bevtrain.data.synthetic import (  # noqa: E402
     generate,
     shade,
 )
-from bevtrain.data.synthetic import render as synthetic_render  # noqa: E402
-from bevtrain.data.synthetic.render import RADAR_DTYPE  # noqa: E402
+from bevtrain.synthetic import render as synthetic_render  # noqa: E402
+from bevtrain.synthetic import sensors as synthetic_sensors  # noqa: E402
+from bevtrain.synthetic.sensors import RADAR_DTYPE  # noqa: E402
 
 TINY = dict(keyframes=2, scenes=1, width=320, height=180, workers=1, progress=False)
 
@@ -343,6 +344,17 @@ def test_generation_is_deterministic_and_seeded(tmp_path):
     assert jpgs and jpgs[0].read_bytes() == (b / jpgs[0].relative_to(a)).read_bytes()
 
 
+def test_generation_logs_progress_per_keyframe(tmp_path, capfd):
+    generate(tmp_path / "set", **{**TINY, "keyframes": 4, "progress": True})
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("[synthetic nuScenes] |")]
+    # stderr is not a terminal here: one line per keyframe that enters a new tenth, then the summary.
+    shown = [line.split("| ")[1].split("%")[0] + "%" for line in lines]
+    assert shown == ["1/4  25.0%", "2/4  50.0%", "3/4  75.0%", "4/4 100.0%"]
+    assert all("keyframes/s" in line and "ETA" in line for line in lines)
+    assert "synthetic nuScenes: " in err.splitlines()[-1] and "4 samples" in err.splitlines()[-1]
+
+
 def test_ensure_synthetic_reuses_and_recovers(tmp_path, monkeypatch):
     root = tmp_path / "set"
     ensure_synthetic(root, **TINY)
@@ -351,7 +363,7 @@ def test_ensure_synthetic_reuses_and_recovers(tmp_path, monkeypatch):
     ensure_synthetic(root, **TINY)
     assert marker.stat().st_mtime_ns == stamp  # complete and unchanged: not regenerated
 
-    real_scan = synthetic_render.lidar_scan
+    real_scan = synthetic_sensors.lidar_scan
     calls = []
 
     def crash_midway(*args, **kwargs):
@@ -361,11 +373,11 @@ def test_ensure_synthetic_reuses_and_recovers(tmp_path, monkeypatch):
         return real_scan(*args, **kwargs)
 
     # A crash while regenerating with other parameters leaves the old complete set in place.
-    monkeypatch.setattr(synthetic_render, "lidar_scan", crash_midway)
+    monkeypatch.setattr(synthetic_sensors, "lidar_scan", crash_midway)
     with pytest.raises(RuntimeError, match="simulated crash"):
         ensure_synthetic(root, **{**TINY, "keyframes": 3})
     assert json.loads(marker.read_text())["params"]["keyframes"] == 2
-    monkeypatch.setattr(synthetic_render, "lidar_scan", real_scan)
+    monkeypatch.setattr(synthetic_sensors, "lidar_scan", real_scan)
     ensure_synthetic(root, **{**TINY, "keyframes": 3})
     assert json.loads(marker.read_text())["params"]["keyframes"] == 3
     assert len(json.loads((root / "v1.0-mini" / "sample.json").read_text())) == 3
@@ -373,11 +385,11 @@ def test_ensure_synthetic_reuses_and_recovers(tmp_path, monkeypatch):
 
     # generate() interrupted in place leaves no marker; ensure_synthetic then rebuilds a complete set.
     calls.clear()
-    monkeypatch.setattr(synthetic_render, "lidar_scan", crash_midway)
+    monkeypatch.setattr(synthetic_sensors, "lidar_scan", crash_midway)
     with pytest.raises(RuntimeError, match="simulated crash"):
         generate(root, **TINY)
     assert not marker.exists()
-    monkeypatch.setattr(synthetic_render, "lidar_scan", real_scan)
+    monkeypatch.setattr(synthetic_sensors, "lidar_scan", real_scan)
     ensure_synthetic(root, **TINY)
     assert marker.is_file()
     NuScenes("v1.0-mini", dataroot=str(root), verbose=False)
@@ -399,8 +411,8 @@ def test_pixel_rays_and_scaled_rigs_keep_pixel_centres_at_integers():
     geometry.scale_intrinsics gives for that resize."""
     import torch
 
-    from bevtrain.data.synthetic.world import scene_rigs
     from bevtrain.geometry import scale_intrinsics
+    from bevtrain.synthetic.catalog import scene_rigs
 
     full, half = scene_rigs(1600, 900), scene_rigs(800, 450)
     for ch, rig in full.items():

@@ -1,1 +1,1 @@
-"""Data: synthetic nuScenes generator, devkit-backed index, dataset, augmentation, targets."""
+"""Data: devkit-backed index, dataset, augmentation, targets, point clouds."""

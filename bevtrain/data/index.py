@@ -151,7 +151,7 @@ def check_dataroot(dataroot, version: str) -> Path:
     layout = (
         "Expected a nuScenes dataroot such as data/nuscenes/ holding v1.0-trainval/ (or v1.0-mini/) "
         "with samples/ and sweeps/ beside it, or the synthetic set made by "
-        "`python -m bevtrain.data.synthetic --out DIR` (pass that DIR as data_dir)."
+        "`python -m bevtrain.synthetic --out DIR` (pass that DIR as data_dir)."
     )
     if not root.is_dir():
         raise DataLayoutError(f"data_dir {root} does not exist. {layout}")

@@ -1,5 +1,6 @@
-"""Ray casting of a synthetic scene: camera images (z-buffered boxes over a textured ground and a
-sky), lidar sweeps and radar returns. All numpy, vectorised over pixels / rays.
+"""Ray casting of a synthetic scene: objects placed in the ego frame, ray / box intersection, and
+camera images (z-buffered boxes over a textured ground and a sky). All numpy, vectorised over
+pixels / rays; the lidar and radar that cast rays with it are in `sensors`.
 """
 
 from __future__ import annotations
@@ -11,20 +12,9 @@ from typing import List, Tuple
 import cv2
 import numpy as np
 
-from .world import (
-    AMBIENT,
-    DIFFUSE,
-    LIDAR_RANGE,
-    MAP_RES,
-    RADAR_HALF_FOV_DEG,
-    RADAR_RANGE,
-    RENDER_RADIUS,
-    SUN_DIRECTION,
-    Actor,
-    ActorState,
-    Scene,
-    yaw_matrix,
-)
+from .catalog import RENDER_RADIUS, yaw_matrix
+from .looks import AMBIENT, DIFFUSE, SUN_DIRECTION
+from .world import MAP_RES, Actor, ActorState, Scene
 
 SKY_HORIZON = np.array([205.0, 214.0, 228.0])
 SKY_ZENITH = np.array([105.0, 148.0, 212.0])
@@ -46,12 +36,14 @@ class PlacedObject:
     hi: np.ndarray  # (P, 3)
     face_rgb: np.ndarray  # (P, 6, 3) uint8 shaded colour of each part face (+x,-x,+y,-y,+z,-z)
     decals: List[list]  # per part: (face, axis_a, axis_b, a0, a1, b0, b1, shaded rgb uint8 (3,))
+    outer_lo: np.ndarray  # (3,) the outer box around all parts, object frame
+    outer_hi: np.ndarray  # (3,)
     centre: np.ndarray  # (3,) centre of the outer box, object frame
     radius: float  # of the outer box's bounding sphere
 
 
 def _actor_geometry(scene: Scene, actor: Actor):
-    """Part boxes and unshaded face colours of an actor (they never change)."""
+    """Part boxes, unshaded face colours and outer box of an actor (they never change)."""
     cache = scene.__dict__.setdefault("_geometry_cache", {})
     if actor.aid not in cache:
         lo = np.stack([p.lo for p in actor.parts])
@@ -60,7 +52,7 @@ def _actor_geometry(scene: Scene, actor: Actor):
         lo_all, hi_all = lo.min(axis=0), hi.max(axis=0)
         centre = 0.5 * (lo_all + hi_all)
         sphere = 0.5 * float(np.linalg.norm(hi_all - lo_all))
-        cache[actor.aid] = (lo, hi, base, centre, sphere)
+        cache[actor.aid] = (lo, hi, base, lo_all, hi_all, centre, sphere)
     return cache[actor.aid]
 
 
@@ -72,7 +64,7 @@ def place_objects(scene: Scene, t: float, ego, radius: float = RENDER_RADIUS) ->
         if where is None or math.hypot(where[0] - ego.x, where[1] - ego.y) > radius:
             continue
         st = scene.actor_state(actor, t)
-        lo, hi, base, centre, sphere = _actor_geometry(scene, actor)
+        lo, hi, base, lo_all, hi_all, centre, sphere = _actor_geometry(scene, actor)
         global_R_obj = yaw_matrix(st.yaw)
         ego_R_obj = ego_R_global @ global_R_obj
         ego_t = ego_R_global @ np.array([st.x - ego.x, st.y - ego.y, 0.0])
@@ -89,7 +81,11 @@ def place_objects(scene: Scene, t: float, ego, radius: float = RENDER_RADIUS) ->
                 )
                 shaded.append((face, ax, bx, a0, a1, b0, b1, colour))
             decals.append(shaded)
-        placed.append(PlacedObject(actor, st, ego_R_obj, ego_t, lo, hi, face_rgb, decals, centre, sphere))
+        placed.append(
+            PlacedObject(
+                actor, st, ego_R_obj, ego_t, lo, hi, face_rgb, decals, lo_all, hi_all, centre, sphere
+            )
+        )
     return placed
 
 
@@ -122,7 +118,7 @@ def _hit_parts(o, d, ob: PlacedObject, outer: bool = True):
     tested only on rays that hit the object's outer box."""
     inv = tuple(_safe_inv(x) for x in d)
     if outer:
-        t_out = _slab(o, d, inv, ob.lo.min(axis=0), ob.hi.max(axis=0))
+        t_out = _slab(o, d, inv, ob.outer_lo, ob.outer_hi)
         idx = np.flatnonzero(np.isfinite(t_out))
         if len(idx) == 0:
             return idx, np.zeros(0), np.zeros(0, np.int64)
@@ -282,7 +278,7 @@ class Camera:
 
     def _silhouette(self, ob: PlacedObject, cam_R_obj, cam_t_obj):
         """Pixels covered by the object's outer box: flat indices, rows, cols and the nearest depth."""
-        lo, hi = ob.lo.min(axis=0), ob.hi.max(axis=0)
+        lo, hi = ob.outer_lo, ob.outer_hi
         corners = np.array(
             [[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
         )
@@ -366,8 +362,7 @@ def _cast_rays(
         best = np.where(tg <= max_range, tg, np.inf)
     for k, ob in enumerate(objects):
         rel = ob.ego_t_obj - origin
-        radius = 0.5 * float(np.linalg.norm(ob.hi.max(axis=0) - ob.lo.min(axis=0))) + 0.5
-        if np.linalg.norm(rel) - radius > max_range:
+        if np.linalg.norm(rel) - (ob.radius + 0.5) > max_range:
             continue
         obj_R_ego = ob.ego_R_obj.T
         o = obj_R_ego @ (origin - ob.ego_t_obj)
@@ -378,219 +373,3 @@ def _cast_rays(
         best[idx[closer]] = t_hit[closer]
         who[idx[closer]] = k
     return best, who
-
-
-# Lidar: HDL-32E-like fan, modest resolution to keep the set small.
-LIDAR_BEAMS = np.radians(np.linspace(-30.67, 10.67, 32))
-LIDAR_AZIMUTHS = 600
-INTENSITY = {"vehicle": 40.0, "human": 20.0, "movable_object": 60.0}
-GROUND_INTENSITY = np.array([6.0, 14.0, 4.0, 90.0, 80.0])  # per ground label (grass, sidewalk, road, paint)
-
-
-def lidar_scan(
-    scene: Scene, ego, objects: List[PlacedObject], rig: dict, rng: np.random.Generator
-) -> np.ndarray:
-    """(N, 5) float32 x, y, z, intensity, ring in the LIDAR_TOP frame."""
-    az = np.arange(LIDAR_AZIMUTHS) * (2 * math.pi / LIDAR_AZIMUTHS) + rng.uniform(
-        0, 2 * math.pi / LIDAR_AZIMUTHS
-    )
-    el, azg = np.meshgrid(LIDAR_BEAMS, az, indexing="ij")
-    ring = np.repeat(np.arange(len(LIDAR_BEAMS)), LIDAR_AZIMUTHS)
-    dirs_lidar = np.stack([np.cos(el) * np.cos(azg), np.cos(el) * np.sin(azg), np.sin(el)], -1).reshape(-1, 3)
-    dirs = dirs_lidar @ rig["R"].T  # ego frame
-    rng_hit, who = cast_rays(rig["t"], dirs, objects, LIDAR_RANGE)
-    keep = np.isfinite(rng_hit)
-    r = rng_hit[keep] + rng.normal(0.0, 0.01, keep.sum())
-    pts_ego = rig["t"][None, :] + dirs[keep] * r[:, None]
-    who = who[keep]
-    ground = who < 0
-    pts_ego[ground, 2] = np.clip(pts_ego[ground, 2], -0.01, 0.01)  # the ground is flat: noise only in x, y
-    intensity = np.empty(len(pts_ego))
-    if ground.any():
-        c, s = math.cos(ego.yaw), math.sin(ego.yaw)
-        gx = c * pts_ego[ground, 0] - s * pts_ego[ground, 1] + ego.x
-        gy = s * pts_ego[ground, 0] + c * pts_ego[ground, 1] + ego.y
-        rows, cols = scene.label.shape
-        lab = scene.label[
-            np.clip((gy / MAP_RES).astype(int), 0, rows - 1), np.clip((gx / MAP_RES).astype(int), 0, cols - 1)
-        ]
-        intensity[ground] = GROUND_INTENSITY[lab]
-    for k in np.unique(who[~ground]):
-        intensity[who == k] = INTENSITY[objects[k].actor.category.split(".")[0]]
-    intensity = np.clip(intensity + rng.normal(0.0, 2.0, len(intensity)), 0.0, 255.0)
-    pts = (pts_ego - rig["t"][None, :]) @ rig["R"]  # ego -> lidar: R^T (p - t)
-    out = np.stack([pts[:, 0], pts[:, 1], pts[:, 2], intensity, ring[keep]], axis=1)
-    return out.astype(np.float32)
-
-
-RADAR_DTYPE = np.dtype(
-    [
-        ("x", "<f4"),
-        ("y", "<f4"),
-        ("z", "<f4"),
-        ("dyn_prop", "i1"),
-        ("id", "<i2"),
-        ("rcs", "<f4"),
-        ("vx", "<f4"),
-        ("vy", "<f4"),
-        ("vx_comp", "<f4"),
-        ("vy_comp", "<f4"),
-        ("is_quality_valid", "i1"),
-        ("ambig_state", "i1"),
-        ("x_rms", "i1"),
-        ("y_rms", "i1"),
-        ("invalid_state", "i1"),
-        ("pdh0", "i1"),
-        ("vx_rms", "i1"),
-        ("vy_rms", "i1"),
-    ]
-)
-RCS = {
-    "vehicle.car": 8.0,
-    "vehicle.truck": 18.0,
-    "vehicle.bus.rigid": 20.0,
-    "vehicle.bus.bendy": 22.0,
-    "vehicle.trailer": 18.0,
-    "vehicle.construction": 16.0,
-    "vehicle.motorcycle": 2.0,
-    "vehicle.bicycle": -3.0,
-    "human.pedestrian.adult": -6.0,
-    "movable_object.trafficcone": -8.0,
-    "movable_object.barrier": 3.0,
-}
-RETURNS = {
-    "vehicle.truck": 5,
-    "vehicle.bus.rigid": 6,
-    "vehicle.bus.bendy": 7,
-    "vehicle.trailer": 5,
-    "vehicle.construction": 4,
-    "vehicle.car": 3,
-}
-
-
-def radar_scan(ego, objects: List[PlacedObject], rig: dict, rng: np.random.Generator) -> np.ndarray:
-    """Structured array (RADAR_DTYPE) of returns in the radar frame: object returns that pass the
-    devkit's default filters, plus clutter that the default filters drop."""
-    half = math.radians(RADAR_HALF_FOV_DEG)
-    az = np.linspace(-half, half, 481)
-    dirs_radar = np.stack([np.cos(az), np.sin(az), np.zeros_like(az)], -1)
-    dirs = dirs_radar @ rig["R"].T
-    rng_hit, who = cast_rays(rig["t"], dirs, objects, RADAR_RANGE, with_ground=False)
-    ego_v = np.array([ego.speed, 0.0, 0.0])  # ego frame
-    records = []
-    for k in np.unique(who[who >= 0]):
-        ob = objects[k]
-        rays = np.flatnonzero(who == k)
-        small = ob.actor.category not in RETURNS
-        if small and rng.random() < 0.25:
-            continue  # weak reflectors are missed now and then
-        n = min(len(rays), RETURNS.get(ob.actor.category, 1))
-        pick = rays[np.sort(rng.choice(len(rays), n, replace=False))] if n < len(rays) else rays
-        # The object's velocity in the ego frame (global velocity rotated by the ego yaw).
-        c, s = math.cos(ego.yaw), math.sin(ego.yaw)
-        v_obj = np.array([c * ob.state.vx + s * ob.state.vy, -s * ob.state.vx + c * ob.state.vy, 0.0])
-        moving = ob.state.speed > 0.3
-        for i in pick:
-            p_ego = rig["t"] + dirs[i] * rng_hit[i]
-            p_ego[:2] += rng.normal(0.0, 0.03, 2)
-            p = rig["R"].T @ (p_ego - rig["t"])
-            radial = p / max(np.linalg.norm(p), 1e-6)
-            v_comp_r = rig["R"].T @ v_obj
-            v_rel_r = rig["R"].T @ (v_obj - ego_v)
-            v_comp = radial * float(v_comp_r @ radial)  # Doppler sees the radial component only
-            v_raw = radial * float(v_rel_r @ radial)
-            if moving:
-                dyn = 2 if float(v_comp_r @ radial) < 0 else 0  # oncoming / moving
-            else:
-                dyn = 1
-            records.append(
-                (
-                    p[0],
-                    p[1],
-                    0.0,
-                    dyn,
-                    0,
-                    RCS[ob.actor.category] + rng.normal(0, 2.0),
-                    v_raw[0],
-                    v_raw[1],
-                    v_comp[0],
-                    v_comp[1],
-                    1,
-                    3,
-                    19,
-                    19,
-                    0,
-                    1,
-                    17,
-                    3,
-                )
-            )
-    # Clutter: multipath / low-RCS ghosts, each flagged so that a default filter rejects it.
-    for _ in range(int(rng.integers(2, 7))):
-        a = rng.uniform(-half, half)
-        r = rng.uniform(3.0, RADAR_RANGE)
-        reason = rng.integers(3)
-        invalid = int(rng.choice([1, 2, 6])) if reason == 0 else 0
-        ambig = int(rng.choice([0, 1, 4])) if reason == 1 else 3
-        dyn = 7 if reason == 2 else int(rng.choice([1, 3]))
-        records.append(
-            (
-                r * math.cos(a),
-                r * math.sin(a),
-                0.0,
-                dyn,
-                0,
-                rng.normal(-5.0, 3.0),
-                0.0,
-                0.0,
-                0.0,
-                0.0,
-                0,
-                ambig,
-                19,
-                19,
-                invalid,
-                5,
-                17,
-                3,
-            )
-        )
-    arr = np.array(records, dtype=RADAR_DTYPE)
-    arr["id"] = np.arange(len(arr))
-    return arr
-
-
-def write_radar_pcd(path, points: np.ndarray) -> None:
-    """Binary PCD v0.7 with nuScenes' 18 radar fields."""
-    names = points.dtype.names
-    sizes = [points.dtype[n].itemsize for n in names]
-    types = ["F" if points.dtype[n].kind == "f" else "I" for n in names]
-    header = (
-        "# .PCD v0.7 - Point Cloud Data file format\nVERSION 0.7\n"
-        f"FIELDS {' '.join(names)}\nSIZE {' '.join(map(str, sizes))}\nTYPE {' '.join(types)}\n"
-        f"COUNT {' '.join('1' for _ in names)}\nWIDTH {len(points)}\nHEIGHT 1\n"
-        f"VIEWPOINT 0 0 0 1 0 0 0\nPOINTS {len(points)}\nDATA binary\n"
-    )
-    with open(path, "wb") as f:
-        f.write(header.encode("ascii"))
-        f.write(points.tobytes())
-        # The devkit's reader asserts that bytes remain after the last field it decodes.
-        f.write(b"\n")
-
-
-def points_in_box_counts(points_ego: np.ndarray, objects: List[PlacedObject], margin: float) -> np.ndarray:
-    """How many points (N, 3), ego frame, fall inside each object's box grown by `margin` m."""
-    counts = np.zeros(len(objects), np.int64)
-    if len(points_ego) == 0:
-        return counts
-    for k, ob in enumerate(objects):
-        w, l, h = ob.actor.wlh
-        local = (points_ego - ob.ego_t_obj[None, :]) @ ob.ego_R_obj
-        inside = (
-            (np.abs(local[:, 0]) <= l / 2 + margin)
-            & (np.abs(local[:, 1]) <= w / 2 + margin)
-            & (local[:, 2] >= -margin)
-            & (local[:, 2] <= h + margin)
-        )
-        counts[k] = int(inside.sum())
-    return counts

@@ -1,0 +1,38 @@
+"""python -m bevtrain.synthetic --out DIR: write a synthetic nuScenes dataroot (see bevtrain.synthetic)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Iterable
+
+from bevtrain.synthetic import __doc__ as package_doc
+from bevtrain.synthetic.dataroot import generate
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m bevtrain.synthetic", description=package_doc.split("\n\n")[0]
+    )
+    ap.add_argument("--out", required=True, help="dataroot to write (v1.0-mini/, samples/, sweeps/, maps/)")
+    ap.add_argument("--keyframes", type=int, default=40, help="keyframes per scene (2 Hz)")
+    ap.add_argument(
+        "--scenes", type=int, default=None, help="first N of the ten v1.0-mini scenes (default all)"
+    )
+    ap.add_argument("--width", type=int, default=1600)
+    ap.add_argument("--height", type=int, default=900)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    args = ap.parse_args(None if argv is None else list(argv))
+    generate(
+        args.out,
+        keyframes=args.keyframes,
+        scenes=args.scenes,
+        width=args.width,
+        height=args.height,
+        seed=args.seed,
+        workers=args.workers,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""One synthetic scene to disk: its sensor files (JPEGs, lidar .pcd.bin, radar .pcd, map mask) and
+its rows of the nuScenes tables, in the order the devkit expects."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import cv2
+import numpy as np
+
+from . import render, sensors
+from .catalog import (
+    ANNOTATION_RADIUS,
+    ATTRIBUTES,
+    CAMERAS,
+    CATEGORIES,
+    KEYFRAME_PERIOD_US,
+    LIDAR,
+    LIDAR_RANGE,
+    LIDAR_SWEEPS_PER_INTERVAL,
+    MINI_SCENES,
+    RADAR_SWEEPS_PER_INTERVAL,
+    RADARS,
+    SCENE_LOCATIONS,
+    quaternion_wxyz,
+    scene_rigs,
+    stable_hash,
+    visibility_token,
+    yaw_matrix,
+)
+from .world import Scene, attribute_names
+
+JPEG_QUALITY = 90
+# The tables each scene contributes rows to (the others are the same for every scene).
+SCENE_TABLES = (
+    "scene",
+    "log",
+    "map",
+    "calibrated_sensor",
+    "ego_pose",
+    "sample",
+    "sample_data",
+    "instance",
+    "sample_annotation",
+)
+
+_CAMERA_CACHE: Dict[tuple, render.Camera] = {}
+
+
+def _camera(channel: str, width: int, height: int, rig: dict) -> render.Camera:
+    """Cameras are the same in every scene: build their ray tables once per process."""
+    key = (channel, width, height)
+    if key not in _CAMERA_CACHE:
+        _CAMERA_CACHE[key] = render.Camera(rig["R"], rig["t"], rig["K"], width, height)
+    return _CAMERA_CACHE[key]
+
+
+def _ego_record(token, timestamp, ego) -> dict:
+    return dict(
+        token=token,
+        timestamp=timestamp,
+        rotation=quaternion_wxyz(yaw_matrix(ego.yaw)),
+        translation=[ego.x, ego.y, 0.0],
+    )
+
+
+def render_scene(job: dict, on_keyframe: Callable[[], None] | None = None) -> dict:
+    """Write one scene (job: out, scene, seed, keyframes, width, height); return its table rows
+    and the histogram of its visibility tokens. `on_keyframe` is called after each keyframe."""
+    return SceneWriter(job).write(on_keyframe)
+
+
+class SceneWriter:
+    """Writes one scene's files under `out` and collects its table rows."""
+
+    def __init__(self, job: dict):
+        self.out = Path(job["out"])
+        self.name, self.seed, self.keyframes = job["scene"], job["seed"], job["keyframes"]
+        self.width, self.height = job["width"], job["height"]
+        self.scene = Scene(self.name, self.seed, self.keyframes)
+        self.rigs = scene_rigs(self.width, self.height)
+        self.cameras = {ch: _camera(ch, self.width, self.height, self.rigs[ch]) for ch in CAMERAS}
+        scene_idx = MINI_SCENES.index(self.name)
+        trng = np.random.default_rng(int(self._token("time")[:12], 16))
+        self.t0_us = 1531883530_000000 + scene_idx * 86_400_000_000 + int(trng.integers(0, 3_600_000_000))
+        self.day = 10 + scene_idx
+        boston = SCENE_LOCATIONS[self.name].startswith("boston")
+        vehicle, tz = ("n008", "-0400") if boston else ("n015", "+0800")
+        self.logfile = f"{vehicle}-2018-07-{self.day:02d}-11-{scene_idx * 5:02d}-36{tz}"
+        self.calib = {ch: self._token("calibrated_sensor", ch) for ch in self.rigs}
+        self.sample_tokens = [self._token("sample", k) for k in range(self.keyframes)]
+        self.tables: Dict[str, list] = {k: [] for k in SCENE_TABLES}
+        self.per_channel: Dict[str, list] = {ch: [] for ch in self.rigs}  # sample_data rows
+        self.tracks: Dict[int, list] = {}  # actor id -> its annotations in time order
+        self.vis_hist = np.zeros(4, np.int64)
+        self.rng_sensor = np.random.default_rng(int(self._token("sensors")[:12], 16))
+
+    def _token(self, kind: str, *parts) -> str:
+        return stable_hash(kind, self.seed, self.name, *parts)
+
+    def write(self, on_keyframe: Callable[[], None] | None = None) -> dict:
+        self._write_log_map_and_calibration()
+        for k in range(self.keyframes):
+            self._write_sweeps(k)
+            self._write_keyframe(k)
+            if on_keyframe is not None:
+                on_keyframe()
+        self._link_chains()
+        return dict(scene=self.name, tables=self.tables, visibility=self.vis_hist.tolist())
+
+    def _write_log_map_and_calibration(self) -> None:
+        out, tables = self.out, self.tables
+        log_token, map_token = self._token("log"), self._token("map")
+        tables["log"].append(
+            dict(
+                token=log_token,
+                logfile=self.logfile,
+                vehicle=self.logfile[:4],
+                date_captured=f"2018-07-{self.day:02d}",
+                location=SCENE_LOCATIONS[self.name],
+            )
+        )
+        (out / "maps").mkdir(parents=True, exist_ok=True)
+        map_file = f"maps/{map_token}.png"
+        cv2.imwrite(str(out / map_file), self.scene.map_mask())
+        tables["map"].append(
+            dict(token=map_token, log_tokens=[log_token], category="semantic_prior", filename=map_file)
+        )
+        for ch, rig in self.rigs.items():
+            tables["calibrated_sensor"].append(
+                dict(
+                    token=self.calib[ch],
+                    sensor_token=stable_hash("sensor", ch),
+                    translation=[float(v) for v in rig["t"]],
+                    rotation=quaternion_wxyz(rig["R"]),
+                    camera_intrinsic=[]
+                    if rig["K"] is None
+                    else [[float(v) for v in row] for row in rig["K"]],
+                )
+            )
+        for ch in self.rigs:
+            (out / "samples" / ch).mkdir(parents=True, exist_ok=True)
+            (out / "sweeps" / ch).mkdir(parents=True, exist_ok=True)
+
+    def _add_sample_data(self, ch, ts_us, k, is_key, ego, filename, fileformat, w=0, h=0) -> None:
+        ep_token = self._token("ego_pose", ch, ts_us)
+        self.tables["ego_pose"].append(_ego_record(ep_token, ts_us, ego))
+        self.per_channel[ch].append(
+            dict(
+                token=self._token("sample_data", ch, ts_us),
+                sample_token=self.sample_tokens[k],
+                ego_pose_token=ep_token,
+                calibrated_sensor_token=self.calib[ch],
+                timestamp=ts_us,
+                fileformat=fileformat,
+                is_key_frame=is_key,
+                height=h,
+                width=w,
+                filename=filename,
+                prev="",
+                next="",
+            )
+        )
+
+    def _write_lidar(self, ego, objects, ts_us, k, is_key) -> np.ndarray:
+        pts = sensors.lidar_scan(self.scene, ego, objects, self.rigs[LIDAR], self.rng_sensor)
+        fn = f"{'samples' if is_key else 'sweeps'}/{LIDAR}/{self.logfile}__{LIDAR}__{ts_us}.pcd.bin"
+        pts.tofile(self.out / fn)
+        self._add_sample_data(LIDAR, ts_us, k, is_key, ego, fn, "pcd")
+        return pts
+
+    def _write_radar(self, ch, ego, objects, ts_us, k, is_key) -> np.ndarray:
+        pts = sensors.radar_scan(ego, objects, self.rigs[ch], self.rng_sensor)
+        fn = f"{'samples' if is_key else 'sweeps'}/{ch}/{self.logfile}__{ch}__{ts_us}.pcd"
+        sensors.write_radar_pcd(self.out / fn, pts)
+        self._add_sample_data(ch, ts_us, k, is_key, ego, fn, "pcd")
+        return pts
+
+    def _write_sweeps(self, k: int) -> None:
+        """Sweeps between the previous keyframe and this one belong to this (the next) sample."""
+        t_k = k * KEYFRAME_PERIOD_US * 1e-6
+        ts_k = self.t0_us + k * KEYFRAME_PERIOD_US
+        sweeps = [
+            (j / (LIDAR_SWEEPS_PER_INTERVAL + 1), "lidar") for j in range(LIDAR_SWEEPS_PER_INTERVAL, 0, -1)
+        ]
+        sweeps += [
+            (j / (RADAR_SWEEPS_PER_INTERVAL + 1), "radar") for j in range(RADAR_SWEEPS_PER_INTERVAL, 0, -1)
+        ]
+        for frac, kind in sorted(sweeps, key=lambda x: -x[0]):
+            dt_us = int(round(frac * KEYFRAME_PERIOD_US))
+            ts = ts_k - dt_us
+            t = t_k - dt_us * 1e-6
+            ego = self.scene.ego_state(t)
+            objects = render.place_objects(self.scene, t, ego, radius=LIDAR_RANGE + 30.0)
+            if kind == "lidar":
+                self._write_lidar(ego, objects, ts, k, False)
+            else:
+                for ch in RADARS:
+                    self._write_radar(ch, ego, objects, ts + RADARS.index(ch), k, False)
+
+    def _write_keyframe(self, k: int) -> None:
+        t_k = k * KEYFRAME_PERIOD_US * 1e-6
+        ts_k = self.t0_us + k * KEYFRAME_PERIOD_US
+        ego = self.scene.ego_state(t_k)
+        objects = render.place_objects(self.scene, t_k, ego)
+        unoccluded, visible = self._write_cameras(ego, objects, ts_k, k)
+        lidar_pts = self._write_lidar(ego, objects, ts_k, k, True)
+        lidar_ego = lidar_pts[:, :3].astype(np.float64) @ self.rigs[LIDAR]["R"].T + self.rigs[LIDAR]["t"]
+        radar_ego = []
+        for ch in RADARS:
+            rp = self._write_radar(ch, ego, objects, ts_k, k, True)
+            xyz = np.stack([rp["x"], rp["y"], rp["z"]], 1).astype(np.float64)
+            radar_ego.append(xyz @ self.rigs[ch]["R"].T + self.rigs[ch]["t"])
+        n_lidar = sensors.points_in_box_counts(lidar_ego, objects, 0.05)
+        n_radar = sensors.points_in_box_counts(np.concatenate(radar_ego), objects, 0.3)
+        self.tables["sample"].append(
+            dict(
+                token=self.sample_tokens[k],
+                timestamp=ts_k,
+                prev=self.sample_tokens[k - 1] if k > 0 else "",
+                next=self.sample_tokens[k + 1] if k + 1 < self.keyframes else "",
+                scene_token=self._token("scene"),
+            )
+        )
+        for i, ob in enumerate(objects):
+            if math.hypot(ob.state.x - ego.x, ob.state.y - ego.y) > ANNOTATION_RADIUS:
+                continue
+            vtok = visibility_token(visible[i] / unoccluded[i]) if unoccluded[i] > 0 else "1"
+            self.vis_hist[int(vtok) - 1] += 1
+            ann = self._annotation(ob, k, vtok, int(n_lidar[i]), int(n_radar[i]))
+            self.tracks.setdefault(ob.actor.aid, []).append(ann)
+
+    def _write_cameras(self, ego, objects, ts_k, k):
+        """Render and write the six images; per object its unoccluded and visible pixel counts."""
+        unoccluded = np.zeros(len(objects), np.int64)
+        visible = np.zeros(len(objects), np.int64)
+        for ch in CAMERAS:
+            img, u, v = self.cameras[ch].render(self.scene, ego, objects)
+            unoccluded += u
+            visible += v
+            fn = f"samples/{ch}/{self.logfile}__{ch}__{ts_k}.jpg"
+            ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+            if not ok:
+                raise RuntimeError(f"JPEG encoding failed for {fn}")
+            (self.out / fn).write_bytes(buf.tobytes())
+            self._add_sample_data(ch, ts_k, k, True, ego, fn, "jpg", self.width, self.height)
+        return unoccluded, visible
+
+    def _annotation(self, ob, k: int, visibility: str, n_lidar: int, n_radar: int) -> dict:
+        st = ob.state
+        w, l, h = ob.actor.wlh
+        return dict(
+            token=self._token("sample_annotation", ob.actor.aid, k),
+            sample_token=self.sample_tokens[k],
+            instance_token=ob.actor.instance_token,
+            visibility_token=visibility,
+            attribute_tokens=[ATTRIBUTES[a][0] for a in attribute_names(ob.actor, st)],
+            translation=[st.x, st.y, h / 2],
+            size=[w, l, h],
+            rotation=quaternion_wxyz(yaw_matrix(st.yaw)),
+            prev="",
+            next="",
+            num_lidar_pts=n_lidar,
+            num_radar_pts=n_radar,
+        )
+
+    def _link_chains(self) -> None:
+        """prev/next of sample_data per channel and of annotations per track; instance and scene rows."""
+        tables = self.tables
+        for records in self.per_channel.values():
+            records.sort(key=lambda r: r["timestamp"])
+            _link(records)
+            tables["sample_data"].extend(records)
+        for aid in sorted(self.tracks):
+            anns = self.tracks[aid]
+            _link(anns)
+            actor = self.scene.actors[aid]
+            tables["instance"].append(
+                dict(
+                    token=actor.instance_token,
+                    category_token=CATEGORIES[actor.category],
+                    nbr_annotations=len(anns),
+                    first_annotation_token=anns[0]["token"],
+                    last_annotation_token=anns[-1]["token"],
+                )
+            )
+            tables["sample_annotation"].extend(anns)
+        tables["scene"].append(
+            dict(
+                token=self._token("scene"),
+                log_token=self._token("log"),
+                nbr_samples=self.keyframes,
+                first_sample_token=self.sample_tokens[0],
+                last_sample_token=self.sample_tokens[-1],
+                name=self.name,
+                description=self.scene.describe(),
+            )
+        )
+
+
+def _link(records: List[dict]) -> None:
+    """Chain records in list order through their prev / next tokens."""
+    for a, b in zip(records[:-1], records[1:]):
+        a["next"], b["prev"] = b["token"], a["token"]
