@@ -1,6 +1,6 @@
 """Frames, rigid transforms and the voxel grid.
 
-Conventions (DESIGN.md §2):
+Conventions (README: "Frames and grid"):
 - 4x4 transforms are named ``dst_T_src``: ``ref_T_cam @ p_cam = p_ref``.
 - Intrinsics padded to 4x4 are ``pix_T_cam``.
 - The reference frame is a camera frame: x right, y down, z forward.

@@ -1,4 +1,6 @@
-"""BEV segmentation IoU accumulated as integer counts over a whole split (DESIGN.md §4).
+"""BEV segmentation IoU accumulated as integer counts over a whole split.
+
+Protocols and outputs: README, "Evaluation and visualisation" (Metric).
 
 ``BevIoUEvaluator`` follows detectron2's evaluator shape: ``reset()``, ``update(...)`` once per
 batch, ``compute()`` at the end. It keeps int64 intersection / union counts on the device of the

@@ -1,4 +1,6 @@
-"""Camera images: fast JPEG decode, resize / crop / flip with exact intrinsics (DESIGN.md §3).
+"""Camera images: fast JPEG decode, resize / crop / flip with exact intrinsics.
+
+Flags and their meaning: README, "Images and augmentation".
 
 Pixel convention: pixel centres sit at integer coordinates (cv2.resize's convention), so a resize
 by (sx, sy) maps u -> sx * (u + 0.5) - 0.5 (``geometry.scale_intrinsics``), a crop at (x0, y0)

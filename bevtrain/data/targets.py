@@ -1,4 +1,4 @@
-"""BEV targets from annotated boxes: seg, valid, center, offset (DESIGN.md §4).
+"""BEV targets from annotated boxes: seg, valid, center, offset (README: "Targets").
 
 Grid: the BEV image is (Z, X); cell (row=iz, col=ix) has its centre at
 x = xmin + (ix + 0.5) * dx, z = zmin + (iz + 0.5) * dz (``Vox_util`` conventions), i.e. the continuous
