@@ -6,7 +6,7 @@
 Stages, each guarded (a failure, out-of-memory or timeout becomes a row saying so, the rest
 still runs) and each written to DIR/results.{md,json} as soon as it ends:
 
-1. data: the synthetic set, generated here with all cores (``python -m bevtrain.data.synthetic``;
+1. data: the synthetic set, generated here with all cores (``python -m bevtrain.synthetic``;
    default 10 scenes x 40 keyframes at 1600x900: 320 train, 80 val samples), unless --data_dir
    names an existing nuScenes-format dataroot.
 2. model: the paper model (res101, 448x800, 6 cameras, 200x8x200, batch 8): forward, loss,
@@ -350,7 +350,7 @@ class Bench:
         root = self.work / "synthetic"
         if root.exists():
             shutil.rmtree(root)
-        cmd = [sys.executable, "-m", "bevtrain.data.synthetic", "--out", str(root), "--keyframes",
+        cmd = [sys.executable, "-m", "bevtrain.synthetic", "--out", str(root), "--keyframes",
                str(syn["keyframes"]), "--width", str(syn["width"]), "--height", str(syn["height"]),
                "--workers", str(self.cores)]
         say(f"[gpu-bench] data: generating the synthetic set ({syn['keyframes']} keyframes x 10 scenes, "
