@@ -1,0 +1,116 @@
+"""Golden run: the first 20 training steps and the evaluation of their checkpoint, bit for bit.
+
+Written before the train/eval restructuring (issue 14) and kept after it: a refactor of the loop,
+the validation or the evaluation must not change a single bit of what a run computes. The numbers
+come from the real loop on the synthetic test set (CPU, one thread, seed 0) and are compared with
+``tests/golden/run20.json``:
+
+- exactly, when this machine matches the one that wrote the file (torch version, CPU model, one
+  thread): float reduction order is then fixed, so any difference is a behaviour change;
+- within a small tolerance elsewhere (other CPUs may pick other kernels), so CI on another machine
+  still catches real changes.
+
+After an intended behaviour change (or a changed synthetic generator), rewrite the file with
+``BEVTRAIN_WRITE_GOLDEN=1 python -m pytest tests/test_golden.py`` and say why in the commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN = Path(__file__).parent / "golden" / "run20.json"
+
+# Quickstart-like (res18 from scratch, small images, a small grid), with every periodic duty due
+# inside 20 steps: logging each step, validation and pictures every 10, a checkpoint every 10.
+FLAGS = dict(
+    dset="mini", encoder_type="res18", encoder_weights="none", res_scale=0.25, Z=32, Y=4, X=32,
+    bounds=[-25.0, 25.0, -5.0, 5.0, -25.0, 25.0], latent_dim=16, batch_size=1, grad_acc=2, lr=2e-3,
+    max_iters=20, log_freq=1, val_freq=10, val_batches=2, save_freq=10, viz_freq=10, keep_latest=2,
+    nworkers=0, seed=0, exp_name="golden",
+)
+# Wall-clock figures differ from run to run; everything else a log record holds is compared.
+TIMING_KEYS = ("data_time", "step_time", "samples_per_s")
+
+
+def fingerprint() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "machine": platform.machine(), "cpu": cpu, "threads": 1}
+
+
+def weights_digest(path: Path) -> str:
+    state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_golden(root: Path, tmp: Path) -> dict:
+    from bevtrain.evaluate import evaluate
+    from bevtrain.train import main
+
+    res = main(**FLAGS, data_dir=str(root), log_dir=str(tmp / "logs"), ckpt_dir=str(tmp / "ckpt"))
+    records = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in res["history"]]
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    ckpt = Path(res["checkpoint"])
+    summary = evaluate(init_dir=str(ckpt.parent), data_dir=str(root), nworkers=0, viz_every=0,
+                       tensorboard=False, metrics_path=str(tmp / "metrics.json"))
+    counts = {p: {"intersection": summary["protocols"][p]["intersection"],
+                  "union": summary["protocols"][p]["union"],
+                  "bands": {b: [v["intersection"], v["union"]] for b, v in summary["protocols"][p]["bands"].items()}}
+              for p in ("simplebev", "lss")}
+    return {"train": train, "val": val, "weights_sha256": weights_digest(ckpt),
+            "eval": {"samples": summary["samples"], "counts": counts}}
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_first_20_steps_and_their_eval_are_unchanged(synthetic_root, tmp_path, one_thread):
+    got = run_golden(synthetic_root, tmp_path)
+    if os.environ.get("BEVTRAIN_WRITE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({"fingerprint": fingerprint(), **got}, indent=1) + "\n")
+        pytest.skip(f"wrote {GOLDEN}")
+    want = json.loads(GOLDEN.read_text())
+    assert len(got["train"]) == len(want["train"]) == FLAGS["max_iters"]
+    assert [r["step"] for r in got["val"]] == [r["step"] for r in want["val"]] == [10, 20]
+    if want["fingerprint"] == fingerprint():
+        # Same machine and torch: every bit must match.
+        assert got["train"] == want["train"]
+        assert got["val"] == want["val"]
+        assert got["weights_sha256"] == want["weights_sha256"]
+        assert got["eval"] == want["eval"]
+        return
+    # Another CPU or torch: kernels may round differently; real changes are still far outside this.
+    for g, w in zip(got["train"] + got["val"], want["train"] + want["val"]):
+        assert set(g) == set(w)
+        for k in w:
+            if k == "split":
+                continue
+            assert g[k] == pytest.approx(w[k], rel=2e-3, abs=1e-4), (k, g, w)
+    assert got["eval"]["samples"] == want["eval"]["samples"]
+    for p, w in want["eval"]["counts"].items():
+        assert got["eval"]["counts"][p]["union"] == pytest.approx(w["union"], rel=0.02)
+        assert got["eval"]["counts"][p]["intersection"] == pytest.approx(w["intersection"], rel=0.02, abs=20)
