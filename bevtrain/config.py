@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Tuple
+from typing import Any, Dict, Iterable, Mapping, Tuple, TypeVar
 
 import yaml
 
@@ -173,7 +173,27 @@ def fill_legacy(saved: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any
 
 
 class Config(dict):
-    """A resolved configuration: a plain dict of primitive values with attribute access."""
+    """A resolved configuration: a plain dict of primitive values with attribute access.
+
+    The command line stays flat (Simple-BEV's flag names); the parts of bevtrain read typed
+    sections of it: ``cfg.data``, ``cfg.model``, ``cfg.optim``, ``cfg.run`` (see DataConfig etc.).
+    """
+
+    @property
+    def data(self) -> DataConfig:
+        return DataConfig.from_config(self)
+
+    @property
+    def model(self) -> ModelConfig:
+        return ModelConfig.from_config(self)
+
+    @property
+    def optim(self) -> OptimConfig:
+        return OptimConfig.from_config(self)
+
+    @property
+    def run(self) -> RunConfig:
+        return RunConfig.from_config(self)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -405,3 +425,165 @@ def flags_help() -> str:
 
 def dump_yaml(cfg: Mapping[str, Any]) -> str:
     return yaml.safe_dump(dict(Config(cfg).to_dict()), sort_keys=False)
+
+
+# -- typed sections ------------------------------------------------------------------------------------
+# Each part of bevtrain takes the section it reads instead of a long list of keywords. Names, defaults
+# and help live in FLAGS alone; a section only says which flags it holds and their Python types (a
+# test checks that every flag belongs to a section and every field is a flag). A flag may sit in two
+# sections when two parts read it (the grid: data rasterises targets on it, the model lifts onto it).
+S = TypeVar("S", bound="_Section")
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+class _Section:
+    @classmethod
+    def from_config(cls: type[S], cfg: Mapping[str, Any]) -> S:
+        return cls(**{f.name: _frozen(cfg[f.name]) for f in fields(cls)})
+
+    @classmethod
+    def make(cls: type[S], **values: Any) -> S:
+        """The section with flag defaults, ``values`` overriding them (checked and converted as flags),
+        to build a dataset or model outside a run: ``DataConfig.make(data_dir=root, dset="mini")``."""
+        names = {f.name for f in fields(cls)}
+        for name in values:
+            if name not in names:
+                raise ConfigError(f"{cls.__name__} has no setting '{name}'{suggest(name, names)}")
+        return cls(**{name: _frozen(coerce(name, values[name]) if name in values else DEFAULTS[name])
+                      for name in names})
+
+    def replace(self: S, **changes: Any) -> S:
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """What the dataset reads, how it augments images and how it draws targets (README 'Images and
+    augmentation', 'Targets'), and how the loader feeds it."""
+
+    data_dir: str
+    dset: str
+    res_scale: float
+    rand_crop_and_resize: bool
+    rand_flip: bool
+    ncams: int
+    nsweeps: int
+    do_shuffle_cams: bool
+    refcam_id: int
+    use_radar: bool
+    use_radar_filters: bool
+    use_lidar: bool
+    use_metaradar: bool
+    radar_features: str
+    seqlen: int
+    get_tids: bool
+    temporal_aug: bool
+    Z: int
+    Y: int
+    X: int
+    bounds: Tuple[float, ...]
+    scene_centroid: Tuple[float, ...]
+    classes: Tuple[str, ...]
+    cache_dir: str
+    seed: int
+    compat: str
+    target_raster: str
+    bad_samples: str
+    max_bad_fraction: float
+    shuffle: bool
+    nworkers: int
+    synthetic_dir: str
+    synthetic_keyframes: int
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """What shapes the network and its weights: a checkpoint loads into a model built from the same."""
+
+    encoder_type: str
+    encoder_weights: str
+    latent_dim: int
+    Z: int
+    Y: int
+    X: int
+    bounds: Tuple[float, ...]
+    scene_centroid: Tuple[float, ...]
+    use_radar: bool
+    use_lidar: bool
+    use_metaradar: bool
+    radar_features: str
+    do_rgbcompress: bool
+    compat: str
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Section):
+    """The optimisation: steps, batch, optimiser, schedule, clipping, precision."""
+
+    max_iters: int
+    batch_size: int
+    grad_acc: int
+    lr: float
+    use_scheduler: bool
+    pct_start: float
+    weight_decay: float
+    grad_clip: float
+    amp: str
+    max_nonfinite: int
+
+
+@dataclass(frozen=True)
+class RunConfig(_Section):
+    """Everything about a run that is neither data, model nor optimisation: names, folders, cadences,
+    initialisation and resumption, devices, signals."""
+
+    config: str
+    exp_name: str
+    seed: int
+    deterministic: bool
+    log_freq: int
+    do_val: bool
+    val_freq: int
+    val_batches: int
+    viz_freq: int
+    save_freq: int
+    keep_latest: int
+    log_dir: str
+    ckpt_dir: str
+    init_dir: str
+    ignore_load: Any
+    load_step: bool
+    load_optimizer: bool
+    resume: Any
+    stop_at: int
+    signal_exit_code: int
+    device: str
+    device_ids: Tuple[int, ...]
+    sync_bn: bool
+    find_unused_parameters: bool
+    compile: bool
+    compile_backend: str
+
+
+SECTIONS = (DataConfig, ModelConfig, OptimConfig, RunConfig)
+
+
+def override_saved(
+    saved: Mapping[str, Any], flags: Mapping[str, Any], drop: Iterable[str] = ()
+) -> Tuple[Config, Dict[str, Any], Dict[str, Tuple[Any, Any]]]:
+    """A run's saved config (a checkpoint's) with ``flags`` given now on top: what resume and eval do.
+
+    ``drop``: saved keys not inherited (per-launch flags). Flags the saved config predates get the
+    values that run used (``LEGACY_VALUES``). Returns the config, the legacy values filled in that
+    ``flags`` did not override, and ``{name: (saved, now)}`` for every saved value that changed.
+    """
+    base = {k: v for k, v in saved.items() if k in FLAG_BY_NAME and k not in set(drop)}
+    base, legacy = fill_legacy(base)
+    cfg, _ = resolve_config(flags, base=base)
+    changed = {k: (base[k], cfg[k]) for k in cfg if k in base and _frozen(base[k]) != _frozen(cfg[k])}
+    return cfg, {k: v for k, v in legacy.items() if k not in flags}, changed

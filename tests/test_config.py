@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bevtrain.config import DEFAULTS, FLAGS, ConfigError, fill_legacy, format_lr, resolve_config, run_name
+from bevtrain.config import (
+    DEFAULTS,
+    FLAG_BY_NAME,
+    FLAGS,
+    ConfigError,
+    fill_legacy,
+    format_lr,
+    resolve_config,
+    run_name,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,3 +135,31 @@ def test_cli_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "/nonexistent/nuscenes does not exist" in r.stderr
     r = run("--help")  # fire would pass it on as an unknown flag 'help'
     assert r.returncode == 0 and "--batch_size=8" in r.stdout and "--grad_acc=5" in r.stdout
+
+
+def test_sections_partition_the_flags_and_carry_their_values():
+    from dataclasses import fields
+
+    from bevtrain.config import SECTIONS, DataConfig, ModelConfig
+
+    in_sections = {f.name for section in SECTIONS for f in fields(section)}
+    assert in_sections == set(FLAG_BY_NAME)  # every flag read by some part, no field without a flag
+    cfg, _ = resolve_config({"lr": 1e-3, "Z": 40, "classes": ["vehicle", "human"]})
+    assert cfg.optim.lr == 1e-3 and cfg.data.Z == cfg.model.Z == 40
+    assert cfg.data.classes == ("vehicle", "human")  # lists become tuples: sections are hashable values
+    assert DataConfig.make(dset="mini").res_scale == FLAG_BY_NAME["res_scale"].default
+    with pytest.raises(ConfigError, match="'latent_dim'"):
+        DataConfig.make(latent_dim=3)  # a model setting, not data
+    with pytest.raises(ConfigError, match="expects int"):
+        ModelConfig.make(latent_dim="wide")
+
+
+def test_override_saved_reports_changes_and_legacy_values():
+    from bevtrain.config import override_saved
+
+    saved = {**DEFAULTS, "lr": 5e-4, "stop_at": 7}
+    del saved["target_raster"]  # a run saved before the flag existed
+    cfg, legacy, changed = override_saved(saved, {"lr": 1e-3}, drop=("stop_at",))
+    assert cfg.lr == 1e-3 and cfg.stop_at == 0
+    assert changed == {"lr": (5e-4, 1e-3)}
+    assert legacy == {"target_raster": "exact"} and cfg.target_raster == "exact"
