@@ -71,9 +71,9 @@ def run_golden(root: Path, tmp: Path) -> dict:
     ckpt = Path(res["checkpoint"])
     summary = evaluate(init_dir=str(ckpt.parent), data_dir=str(root), nworkers=0, viz_every=0,
                        tensorboard=False, metrics_path=str(tmp / "metrics.json"))
-    counts = {p: {"intersection": summary["protocols"][p]["intersection"],
-                  "union": summary["protocols"][p]["union"],
-                  "bands": {b: [v["intersection"], v["union"]] for b, v in summary["protocols"][p]["bands"].items()}}
+    protocols = summary["protocols"]
+    counts = {p: {"intersection": protocols[p]["intersection"], "union": protocols[p]["union"],
+                  "bands": {b: [v["intersection"], v["union"]] for b, v in protocols[p]["bands"].items()}}
               for p in ("simplebev", "lss")}
     return {"train": train, "val": val, "weights_sha256": weights_digest(ckpt),
             "eval": {"samples": summary["samples"], "counts": counts}}
