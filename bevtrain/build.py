@@ -109,9 +109,14 @@ def build_dataset(cfg: Mapping[str, Any], split: str = "train", is_train: bool =
 
 
 def build_loader(cfg: Mapping[str, Any], ds, is_train: bool, batch_size: int, rank: int = 0,
-                 world_size: int = 1):
-    """``batch_size`` here is per rank (see distributed.per_rank_batch)."""
+                 world_size: int = 1, indices=None):
+    """``batch_size`` here is per rank (see distributed.per_rank_batch). ``indices``: only these dataset
+    positions, each once across ranks (evaluation of chosen samples)."""
     from bevtrain.data.dataset import make_loader
+
+    if indices is not None:
+        return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=list(indices)[rank::world_size],
+                                           num_workers=cfg["nworkers"], pin_memory=torch.cuda.is_available())
 
     return make_loader(ds, batch_size, cfg["nworkers"], cfg["shuffle"], is_train,
                        rank=rank, world_size=world_size, seed=cfg["seed"])

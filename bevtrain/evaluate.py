@@ -26,30 +26,26 @@ GIFs and TensorBoard images are assembled by rank 0 from the PNG files, so with 
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
 import math
 import sys
-import time
-from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 import yaml
 
-from bevtrain import viz
+from bevtrain import report
 from bevtrain.build import (
     amp_dtype,
     build_dataset,
+    build_loader,
     build_model,
     build_vox_util,
     compile_model,
     configure_cuda,
     forward,
     resolve_data_dir,
-    to_device,
 )
 from bevtrain.checkpoint import (
     CheckpointError,
@@ -59,17 +55,21 @@ from bevtrain.checkpoint import (
     load_checkpoint,
     load_weights,
 )
-from bevtrain.config import FLAG_BY_NAME, Config, ConfigError, fill_legacy, resolve_config, suggest
-from bevtrain.distributed import (
-    all_gather_object,
-    all_reduce_,
-    all_reduce_sum,
-    barrier,
-    cleanup,
-    init_distributed,
+from bevtrain.config import FLAG_BY_NAME, Config, ConfigError, fill_legacy, override_saved, suggest
+from bevtrain.distributed import all_gather_object, barrier, cleanup, init_distributed
+from bevtrain.inference import (
+    BATCH_KEYS_ON_DEVICE,
+    EvalError,
+    ExactlyOnce,
+    IoU,
+    Pictures,
+    ProgressBar,
+    run_batches,
+    slowest_rank,
 )
-from bevtrain.metrics import PROTOCOLS, BevIoUEvaluator, format_table, protocol_label
-from bevtrain.progress import Progress
+from bevtrain.metrics import PROTOCOLS, format_table
+
+__all__ = ["EvalError", "EvalOptions", "evaluate", "find_checkpoint", "run_split", "main"]
 
 # Settings that shape the network's weights: a checkpoint only loads into a model built with these.
 MODEL_KEYS = (
@@ -86,22 +86,42 @@ MODEL_KEYS = (
 )
 # Settings that change what the network sees or is scored on: overriding them changes the numbers.
 DATA_KEYS = ("res_scale", "ncams", "refcam_id", "bounds", "scene_centroid", "classes", "compat")
-BATCH_KEYS_ON_DEVICE = (
-    "images",
-    "pix_T_cams",
-    "cams_T_ref",
-    "ref_T_ego",
-    "seg_bev",
-    "valid_bev",
-    "radar",
-    "radar_count",
-    "lidar",
-    "lidar_count",
-)
+# Training flags eval_nuscenes.py names in its own signature (they override the run's config).
+SHORTCUT_FLAGS = ("dset", "data_dir", "batch_size", "nworkers", "amp", "device", "log_dir")
 
 
-class EvalError(RuntimeError):
-    """Evaluation cannot start; the message names the file or flag and what to do."""
+@dataclass(frozen=True)
+class EvalOptions:
+    """What an evaluation draws and writes (not training flags)."""
+
+    viz_every: int = 10  # draw every N-th sample (0 = none)
+    max_viz: int = 50  # at most this many composites
+    viz_only: bool = False  # run the model on the drawn samples only; no metric
+    viz_dir: str = ""  # picture folder ('' = viz-<step>-<what was evaluated> beside the checkpoint)
+    viz_width: int = 400
+    gif_fps: float = 2.0
+    gif_scale: float = 0.5
+    metrics_path: str = ""  # write metrics.json only here ('' = picture folder and run folder)
+    tensorboard: bool = True
+    split: str = "val"
+
+
+EVAL_FLAGS = ("init_dir", "load_step", *SHORTCUT_FLAGS, *(f.name for f in fields(EvalOptions)))
+
+
+@dataclass
+class TrainedRun:
+    """A checkpoint to evaluate: its file, weights and step, and the config it was trained with."""
+
+    file: Path
+    weights: Dict[str, Any]  # 'model', 'step', 'format' of the checkpoint (the optimiser state is dropped)
+    trained: Dict[str, Any]  # its config, flags it predates filled with what it used
+    source: str  # where that config came from
+    legacy: Dict[str, Any] = field(default_factory=dict)  # values filled in (not overridden now)
+
+    @property
+    def step(self) -> int:
+        return int(self.weights.get("step", 0))
 
 
 # -- finding the checkpoint and its config ----------------------------------------------------------
@@ -164,51 +184,52 @@ def saved_config(ckpt: Mapping[str, Any], ckpt_file: Path) -> Tuple[Dict[str, An
     )
 
 
+def open_run(init_dir: str, load_step: Any = None) -> TrainedRun:
+    file = find_checkpoint(init_dir, load_step)
+    ckpt = load_checkpoint(file, map_location="cpu")
+    trained, source = saved_config(ckpt, file)
+    # A run saved before a flag existed was trained with the old behaviour (target_raster: exact).
+    trained, legacy = fill_legacy(trained)
+    # Only the weights and the step are needed: let the optimiser state (~2x the weights) go now.
+    weights = {k: ckpt[k] for k in ("model", "step", "format") if k in ckpt}
+    return TrainedRun(file, weights, trained, source, legacy)
+
+
 def _differences(a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str]) -> List[str]:
-    out = []
-    for k in keys:
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, tuple):
-            va = list(va)
-        if isinstance(vb, tuple):
-            vb = list(vb)
-        if va != vb:
-            out.append(f"{k}: {va!r} (checkpoint) vs {vb!r} (now)")
-    return out
+    listed = [(k, *(list(v) if isinstance(v, tuple) else v for v in (a.get(k), b.get(k)))) for k in keys]
+    return [f"{k}: {va!r} (checkpoint) vs {vb!r} (now)" for k, va, vb in listed if va != vb]
 
 
 def eval_config(trained: Mapping[str, Any], overrides: Mapping[str, Any]) -> Tuple[Config, List[str]]:
     """The training config with command-line overrides; returns it and lines describing the overrides."""
     for k in overrides:
         if k not in FLAG_BY_NAME:
-            known = list(FLAG_BY_NAME) + [
-                p for p in inspect.signature(evaluate).parameters if p != "overrides"
-            ]
             raise ConfigError(
-                f"unknown flag '--{k}'{suggest(k, known)} (eval takes its own flags and the training flags; "
-                f"see eval_nuscenes.py --help)"
+                f"unknown flag '--{k}'{suggest(k, [*FLAG_BY_NAME, *EVAL_FLAGS])} (eval takes its own flags "
+                f"and the training flags; see eval_nuscenes.py --help)"
             )
-    # Keys an older config may lack fall back to the defaults inside resolve_config.
-    skip = ("config", "resume", "init_dir")
-    base = {k: v for k, v in trained.items() if k in FLAG_BY_NAME and k not in skip}
     # Where training ran says nothing about where evaluation runs: pick the device afresh.
-    base.update(device=FLAG_BY_NAME["device"].default, device_ids=FLAG_BY_NAME["device_ids"].default)
-    cfg, _ = resolve_config(dict(overrides), base=base)
-    notes = []
-    for k in overrides:
-        before = trained.get(k, FLAG_BY_NAME[k].default)
-        if before == cfg[k]:
-            notes.append(f"{k}: {cfg[k]!r} (command line, as in training)")
-            continue
-        note = f"{k}: {before!r} -> {cfg[k]!r} (command line)"
-        if k == "target_raster":
-            note += "  [ground truth drawn by another rule than in training]"
-        elif k in MODEL_KEYS and not trained.get("_simplebev_file"):
-            note += "  [changes the network: the checkpoint may not load]"
-        elif k in DATA_KEYS:
-            note += "  [differs from training: numbers not comparable to the run's own]"
-        notes.append(note)
-    return cfg, notes
+    base = {
+        **trained,
+        "device": FLAG_BY_NAME["device"].default,
+        "device_ids": FLAG_BY_NAME["device_ids"].default,
+    }
+    cfg, _, _ = override_saved(base, overrides, drop=("config", "resume", "init_dir"))
+    return cfg, [_override_note(k, trained, cfg) for k in overrides]
+
+
+def _override_note(k: str, trained: Mapping[str, Any], cfg: Config) -> str:
+    before = trained.get(k, FLAG_BY_NAME[k].default)
+    if before == cfg[k]:
+        return f"{k}: {cfg[k]!r} (command line, as in training)"
+    note = f"{k}: {before!r} -> {cfg[k]!r} (command line)"
+    if k == "target_raster":
+        return note + "  [ground truth drawn by another rule than in training]"
+    if k in MODEL_KEYS and not trained.get("_simplebev_file"):
+        return note + "  [changes the network: the checkpoint may not load]"
+    if k in DATA_KEYS:
+        return note + "  [differs from training: numbers not comparable to the run's own]"
+    return note
 
 
 def check_val_split(cfg: Config) -> None:
@@ -224,6 +245,8 @@ def check_val_split(cfg: Config) -> None:
 # -- the loop -----------------------------------------------------------------------------------------
 def autocast_for(amp: str, device: torch.device):
     """Autocast context for --amp and the precision's name (auto = bf16 on CUDA, fp32 elsewhere)."""
+    from contextlib import nullcontext
+
     dtype = amp_dtype(amp, device)
     if dtype is None:
         return nullcontext(), "fp32"
@@ -235,59 +258,6 @@ def viz_indices(n: int, viz_every: int, max_viz: int) -> List[int]:
     if viz_every <= 0 or max_viz <= 0:
         return []
     return list(range(0, n, int(viz_every)))[: int(max_viz)]
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def dataset_tag(data_dir: str | Path, dset: str) -> str:
-    """A readable name for a dataset that differs between dataroots: the dataroot's folder name,
-    a short hash of its absolute path (two folders may share a name) and the nuScenes version."""
-    root = Path(data_dir).expanduser().resolve()
-    digest = hashlib.sha1(str(root).encode()).hexdigest()[:6]
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in root.name) or "root"
-    return f"{name}-{digest}-{dset}"
-
-
-def evaluated_name(data_dir: str | Path, dset: str, split: str) -> str:
-    """``<dataset tag>-<split>``, e.g. ``synthetic-1a2b3c-mini-val``: names the folders of an
-    evaluation (``viz-<step>-...``, TensorBoard ``eval-...``), so other data or splits never share them."""
-    return f"{dataset_tag(data_dir, dset)}-{split}"
-
-
-def _png_name(scene: str, index: int) -> str:
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in scene) or "scene"
-    return f"{safe}__{index:06d}.png"
-
-
-def write_scene_gifs(pngs: Sequence[Path], fps: float = 2.0, scale: float = 0.5) -> List[Path]:
-    """One animated GIF per scene (``<viz_dir>/<scene>.gif``) from composites named by _png_name."""
-    by_scene: Dict[Tuple[Path, str], List[Path]] = {}
-    for png in sorted(pngs):
-        by_scene.setdefault((png.parent, png.name.rsplit("__", 1)[0]), []).append(png)
-    gifs = []
-    for (folder, scene), files in sorted(by_scene.items()):
-        frames = [viz.read_png(p) for p in files]
-        frames = [f for f in frames if f.shape == frames[0].shape]
-        gif = folder / f"{scene}.gif"
-        viz.write_gif(gif, frames, fps=fps, scale=scale)
-        gifs.append(gif)
-    return gifs
-
-
-def _model_predictor(model: torch.nn.Module, autocast):
-    def predict(batch: Mapping[str, Any]) -> torch.Tensor:
-        with autocast:
-            return forward(model, batch)["seg"].float()
-
-    return predict
 
 
 def run_split(
@@ -308,74 +278,26 @@ def run_split(
     """Run ``predict(batch on device) -> seg logits (B, 1, Z, X)`` over ``loader``; the metric path.
 
     Every dataset position in ``expected`` (default: all ``n``) must enter the metric exactly once
-    across ranks: a sample loaded twice on a rank counts once, and a sample missing or counted on
-    two ranks is an EvalError. Samples whose position is in ``draw`` are rendered to PNGs in
-    ``viz_dir``. Returns the metric (``BevIoUEvaluator.compute()``, {} without it), sample count,
+    across ranks (inference.ExactlyOnce). Samples whose position is in ``draw`` are rendered to PNGs
+    in ``viz_dir``. Returns the metric (``BevIoUEvaluator.compute()``, {} without it), sample count,
     seconds (slowest rank), forward seconds and the PNG paths written by this rank.
     """
-    evaluator = BevIoUEvaluator(vox_util)
-    draw = set(int(i) for i in draw)
-    seen = torch.zeros(n, dtype=torch.int64)  # times each sample was loaded (this rank)
-    counted = torch.zeros(n, dtype=torch.int64)  # times each sample entered the metric (this rank)
-    want = torch.zeros(n, dtype=torch.int64)
-    want[list(expected) if expected is not None else slice(None)] = 1
-    progress = Progress(math.ceil(int(want.sum()) / world_size), show_progress, label="eval", unit="samples")
-    done, forward_s, pngs = 0, 0.0, []
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for batch in loader:
-            index = batch["index"].cpu()
-            # A sample a sampler pads in twice (e.g. DistributedSampler) enters the metric once.
-            keep = torch.zeros(len(index), dtype=torch.bool)
-            for b, idx in enumerate(index.tolist()):
-                keep[b] = bool(seen[idx] == 0)
-                seen[idx] += 1
-            counted[index[keep]] += 1
-            on_dev = to_device(batch, device, BATCH_KEYS_ON_DEVICE)
-            tf = time.perf_counter()
-            seg = predict(on_dev)  # (B, 1, Z, X) logits
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            forward_s += time.perf_counter() - tf
-            if compute_metric:
-                evaluator.update(seg, on_dev["seg_bev"], on_dev["valid_bev"], on_dev["ref_T_ego"], keep)
-            to_draw = [b for b, idx in enumerate(index.tolist()) if idx in draw and bool(keep[b])]
-            if to_draw and viz_dir is not None:
-                seg_cpu = {"seg": seg.detach().float().cpu()}
-                for b in to_draw:
-                    image = viz.render_composite(batch, seg_cpu, b, vox_util, cell_width=viz_width)
-                    png = Path(viz_dir) / _png_name(str(batch["scene_name"][b]), int(index[b]))
-                    viz.write_png(png, image)
-                    pngs.append(str(png))
-            done += len(index)
-            progress.update(done)
-    progress.close(done)
-    wall = time.perf_counter() - t0
-
-    # Every sample exactly once across ranks, or the numbers are not the split's.
-    all_reduce_sum(counted)
-    timing = all_reduce_(torch.tensor([wall, forward_s], dtype=torch.float64), torch.distributed.ReduceOp.MAX)
-    if not torch.equal(counted, want):
-        missing = int(((want > 0) & (counted == 0)).sum())
-        twice = int((counted > 1).sum())
-        extra = int(((want == 0) & (counted > 0)).sum())
-        raise EvalError(
-            f"of {int(want.sum())} samples the loader gave {missing} no turn, {twice} more than one "
-            f"(across ranks) and {extra} were not asked for: the numbers would not be the split's"
-        )
-    samples = int(want.sum())
+    tally, iou = ExactlyOnce(n, expected), IoU(vox_util)
+    pictures = Pictures(draw, viz_dir, vox_util, viz_width)
+    progress = ProgressBar(math.ceil(tally.samples / world_size), show_progress)
+    evaluators = [tally, *([iou] if compute_metric else []), pictures, progress]
+    timing = run_batches(
+        lambda batch: {"seg": predict(batch)}, loader, evaluators, device, BATCH_KEYS_ON_DEVICE
+    )
+    progress.close()
+    timing = slowest_rank(timing)
+    tally.check()  # every sample exactly once across ranks, or the numbers are not the split's
     result: Dict[str, Any] = {}
     if compute_metric:
-        result = evaluator.compute()
-        if result["samples"] != samples:
-            raise EvalError(f"metric counted {result['samples']} samples, expected {samples}")
-    return {
-        "result": result,
-        "samples": samples,
-        "seconds": float(timing[0]),
-        "forward_seconds": float(timing[1]),
-        "pngs": pngs,
-    }
+        result = iou.compute()
+        if result["samples"] != tally.samples:
+            raise EvalError(f"metric counted {result['samples']} samples, expected {tally.samples}")
+    return {"result": result, "samples": tally.samples, "pngs": pictures.pngs, **timing}
 
 
 def evaluate(
@@ -407,7 +329,7 @@ def evaluate(
     training flag override the run's saved config. ``--viz_every``/``--max_viz`` choose samples to
     draw (0 = none); ``--viz_only`` runs the model on those samples only and skips the metric.
     """
-    explicit = dict(
+    shortcuts = dict(
         dset=dset,
         data_dir=data_dir,
         batch_size=batch_size,
@@ -416,64 +338,39 @@ def evaluate(
         device=device,
         log_dir=log_dir,
     )
-    overrides = {**{k: v for k, v in explicit.items() if v is not None}, **overrides}
-    ckpt_file = find_checkpoint(init_dir, load_step)
-    ckpt = load_checkpoint(ckpt_file, map_location="cpu")
-    trained, config_source = saved_config(ckpt, ckpt_file)
-    # A run saved before a flag existed was trained with the old behaviour (target_raster: exact).
-    trained, legacy = fill_legacy(trained)
-    # Only the weights and the step are needed: let the optimiser state (~2x the weights) go now.
-    ckpt = {k: ckpt[k] for k in ("model", "step", "format") if k in ckpt}
-    cfg, notes = eval_config(trained, overrides)
-    if is_simplebev(ckpt):
+    overrides = {**{k: v for k, v in shortcuts.items() if v is not None}, **overrides}
+    options = EvalOptions(
+        viz_every, max_viz, viz_only, viz_dir, viz_width, gif_fps, gif_scale, metrics_path, tensorboard, split
+    )
+    run = open_run(init_dir, load_step)
+    run.legacy = {k: v for k, v in run.legacy.items() if k not in overrides}
+    cfg, notes = eval_config(run.trained, overrides)
+    if is_simplebev(run.weights):
         from bevtrain.convert_simplebev import check_simplebev_settings
 
         try:
-            check_simplebev_settings(ckpt, cfg, ckpt_file)
+            check_simplebev_settings(run.weights, cfg, run.file)
         except CheckpointError as e:
-            raise EvalError(f"cannot evaluate {ckpt_file}: {e}") from None
+            raise EvalError(f"cannot evaluate {run.file}: {e}") from None
     try:
         info = init_distributed(cfg.device, cfg.device_ids)
     except ValueError as e:
         raise EvalError(str(e)) from None
-    say = print if info.is_main else (lambda *a, **k: None)
     try:
-        return _evaluate(
-            cfg,
-            ckpt,
-            ckpt_file,
-            trained,
-            config_source,
-            notes,
-            info,
-            say,
-            legacy={k: v for k, v in legacy.items() if k not in overrides},
-            viz_every=viz_every,
-            max_viz=max_viz,
-            viz_only=viz_only,
-            viz_dir=viz_dir,
-            viz_width=viz_width,
-            gif_fps=gif_fps,
-            gif_scale=gif_scale,
-            metrics_path=metrics_path,
-            tensorboard=tensorboard,
-            split=split,
-        )
+        return evaluate_run(cfg, run, notes, options, info)
     finally:
         cleanup()
 
 
-def _build_model_from_checkpoint(
-    cfg: Config, ckpt: Mapping[str, Any], ckpt_file: Path, trained: Mapping[str, Any]
-) -> torch.nn.Module:
+def _build_model(cfg: Config, run: TrainedRun) -> torch.nn.Module:
     # The weights come from the checkpoint: never look for pretrained encoder weights here.
     from bevtrain.convert_simplebev import convert_weights
 
     model = build_model(cfg.replace(encoder_weights="none"))
     try:
-        load_weights(model, convert_weights(model, ckpt, ckpt_file), ignore_load=None, source=ckpt_file)
+        load_weights(model, convert_weights(model, run.weights, run.file), ignore_load=None, source=run.file)
     except CheckpointError as e:
-        diffs = _differences(trained, cfg, MODEL_KEYS)
+        diffs = _differences(run.trained, cfg, MODEL_KEYS)
         why = (
             "the model settings differ from the checkpoint's: "
             + "; ".join(diffs)
@@ -482,123 +379,109 @@ def _build_model_from_checkpoint(
             else "its saved config matches but the weights do not (was it written by another version "
             "of the model code?)"
         )
-        raise EvalError(f"cannot evaluate {ckpt_file}: {why}.\n{e}") from None
+        raise EvalError(f"cannot evaluate {run.file}: {why}.\n{e}") from None
     return model
 
 
-def _evaluate(
-    cfg,
-    ckpt,
-    ckpt_file,
-    trained,
-    config_source,
-    notes,
-    info,
-    say,
-    *,
-    legacy=None,
-    viz_every,
-    max_viz,
-    viz_only,
-    viz_dir,
-    viz_width,
-    gif_fps,
-    gif_scale,
-    metrics_path,
-    tensorboard,
-    split,
-):
-    step = int(ckpt.get("step", 0))
-    say(f"[eval] checkpoint {ckpt_file} (step {step}); config from {config_source}; compat={cfg.compat}")
-    for k, v in (legacy or {}).items():
-        say(f"[eval] {config_source} has no '{k}' (saved before the flag existed): using {v!r}, "
-            f"what the run was trained with; pass --{k}=... to score it otherwise")
+def _split_dataset(cfg: Config, split: str):
+    try:
+        return build_dataset(cfg, split=split, is_train=False)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise EvalError(
+            f"--data_dir={cfg.data_dir} --dset={cfg.dset}: cannot read the {split!r} split: {e}"
+        ) from e
+
+
+def evaluate_run(
+    cfg: Config, run: TrainedRun, notes: Sequence[str], options: EvalOptions, info
+) -> Dict[str, Any]:
+    say = print if info.is_main else (lambda *a, **k: None)
+    say(f"[eval] checkpoint {run.file} (step {run.step}); config from {run.source}; compat={cfg.compat}")
+    for k, v in run.legacy.items():
+        say(
+            f"[eval] {run.source} has no '{k}' (saved before the flag existed): using {v!r}, "
+            f"what the run was trained with; pass --{k}=... to score it otherwise"
+        )
     for note in notes:
         say(f"[eval] override {note}")
     device = info.device
     cfg = resolve_data_dir(cfg, announce=info.is_main)
     check_val_split(cfg)
-    model = _build_model_from_checkpoint(cfg, ckpt, ckpt_file, trained).to(device).eval()
+    model = _build_model(cfg, run).to(device).eval()
     configure_cuda(device, cfg.deterministic)
     if cfg.compile:
         model = compile_model(model, cfg.compile_backend)
-    try:
-        ds = build_dataset(cfg, split=split, is_train=False)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise EvalError(
-            f"--data_dir={cfg.data_dir} --dset={cfg.dset}: cannot read the {split!r} split: {e}"
-        ) from e
-    n = len(ds)
-    vox_util = build_vox_util(cfg)
-    autocast, precision = autocast_for(cfg.amp, device)
     per_rank = max(1, math.ceil(cfg.batch_size / info.world_size))
-    chosen = viz_indices(n, viz_every, max_viz)
-    run_dir = ckpt_file.parent
-    evaluated = evaluated_name(cfg.data_dir, cfg.dset, split)
-    out_viz = Path(viz_dir) if viz_dir else run_dir / f"viz-{step:09d}-{evaluated}"
-
-    if viz_only:
-        if not chosen:
-            raise EvalError("--viz_only with nothing to draw: set --viz_every >= 1 and --max_viz >= 1")
-        mine = chosen[info.rank :: info.world_size]
-        loader = torch.utils.data.DataLoader(
-            ds,
-            batch_size=per_rank,
-            sampler=mine,
-            num_workers=cfg.nworkers,
-            pin_memory=device.type == "cuda",
-        )
-    else:
-        # Not shuffled: order does not change the sums, and sequential keeps a scene's frames together.
-        from bevtrain.data.dataset import make_loader
-
-        loader = make_loader(
-            ds,
-            per_rank,
-            cfg.nworkers,
-            shuffle=False,
-            is_train=False,
-            rank=info.rank,
-            world_size=info.world_size,
-            seed=cfg.seed,
-        )
+    ds = _split_dataset(cfg, options.split)
+    n = len(ds)
+    chosen = viz_indices(n, options.viz_every, options.max_viz)
+    if options.viz_only and not chosen:
+        raise EvalError("--viz_only with nothing to draw: set --viz_every >= 1 and --max_viz >= 1")
+    # In order (a scene's frames together; order does not change the sums), every sample once across ranks.
+    loader = build_loader(
+        cfg.replace(shuffle=False),
+        ds,
+        False,
+        per_rank,
+        info.rank,
+        info.world_size,
+        indices=chosen if options.viz_only else None,
+    )
+    autocast, precision = autocast_for(cfg.amp, device)
+    evaluated = report.evaluated_name(cfg.data_dir, cfg.dset, options.split)
+    out_viz = (
+        Path(options.viz_dir) if options.viz_dir else run.file.parent / f"viz-{run.step:09d}-{evaluated}"
+    )
     say(
-        f"[eval] {split} split of {cfg.dset} at {cfg.data_dir}: {n} samples; "
-        f"{'visualising ' + str(len(chosen)) + ' (viz_only)' if viz_only else 'all of them'}; "
+        f"[eval] {options.split} split of {cfg.dset} at {cfg.data_dir}: {n} samples; "
+        f"{'visualising ' + str(len(chosen)) + ' (viz_only)' if options.viz_only else 'all of them'}; "
         f"{info.world_size} process(es), batch {per_rank}/process, device {device}, {precision}"
     )
 
-    predict = _model_predictor(model, autocast)
-    run = run_split(
+    def predict(batch):
+        with autocast:
+            return forward(model, batch)["seg"].float()
+
+    done = run_split(
         loader,
         predict,
         n,
-        vox_util,
+        build_vox_util(cfg),
         device,
-        expected=chosen if viz_only else None,
-        compute_metric=not viz_only,
+        expected=chosen if options.viz_only else None,
+        compute_metric=not options.viz_only,
         draw=chosen,
         viz_dir=out_viz,
-        viz_width=viz_width,
+        viz_width=options.viz_width,
         show_progress=info.is_main,
         world_size=info.world_size,
     )
-    result, counted, wall, forward_s = run["result"], run["samples"], run["seconds"], run["forward_seconds"]
-    pngs = sorted({p for part in all_gather_object(run["pngs"]) for p in part})
+    pngs = sorted({p for part in all_gather_object(done["pngs"]) for p in part})
     barrier()
+    summary = _summary(cfg, run, notes, options, info, done, n, precision, per_rank)
+    summary["viz_dir"] = str(out_viz) if chosen else None
+    if info.is_main:
+        # One TensorBoard folder per evaluated dataset and split: their curves share tags and steps.
+        tb_dir = Path(cfg.log_dir) / run.file.parent.name / f"eval-{evaluated}"
+        _write_outputs(cfg, run, summary, done["result"], options, pngs, (out_viz, tb_dir), say)
+    summary["pngs"] = pngs  # every rank's, on every rank
+    return summary
 
+
+def _summary(cfg, run: TrainedRun, notes, options: EvalOptions, info, done, n, precision, per_rank):
+    counted, wall, forward_s = done["samples"], done["seconds"], done["forward_seconds"]
     summary = {
-        "checkpoint": str(ckpt_file.resolve()),
-        "step": step,
-        "config_source": config_source,
-        "checkpoint_format": "simplebev" if is_simplebev(ckpt) else "bevtrain",
+        "checkpoint": str(run.file.resolve()),
+        "step": run.step,
+        "config_source": run.source,
+        "checkpoint_format": "simplebev" if is_simplebev(run.weights) else "bevtrain",
         "compat": cfg.compat,
-        "overrides": notes,
-        "data": {"data_dir": str(cfg.data_dir), "dset": cfg.dset, "split": split, "split_size": n},
+        "overrides": list(notes),
+        "data": {"data_dir": str(cfg.data_dir), "dset": cfg.dset, "split": options.split, "split_size": n},
         "samples": counted,
-        "viz_only": bool(viz_only),
+        "viz_only": bool(options.viz_only),
         "world_size": info.world_size,
-        "device": str(device),
+        "device": str(info.device),
         "precision": precision,
         "batch_size_per_process": per_rank,
         "target_raster": cfg.target_raster,
@@ -607,86 +490,48 @@ def _evaluate(
         "model_samples_per_s": counted / forward_s if forward_s > 0 else None,
         "config": Config(cfg).to_dict(),
     }
-    if not viz_only:
+    if not options.viz_only:
+        result = done["result"]
         summary["threshold"] = result["threshold"]
         summary["iou"] = {p: result[p]["iou"] for p in PROTOCOLS}
-        raster = cfg.target_raster
-        summary["protocols"] = {
-            "simplebev": dict(
-                result["simplebev"],
-                label=protocol_label("simplebev", raster),
-                description=f"pixels of visibility-1 boxes (0-40% visible) ignored; ground truth from the "
-                f"{raster} target raster",
-            ),
-            "lss": dict(
-                result["lss"],
-                label=protocol_label("lss", raster),
-                description=f"every box counts, no mask; ground truth from the {raster} target raster",
-            ),
-        }
-
-    if info.is_main:
-        if not viz_only:
-            say(format_table(result, raster=cfg.target_raster))
-        say(
-            f"[eval] {counted} samples in {wall:.1f} s: {summary['samples_per_s']:.2f} samples/s "
-            f"(model alone {summary['model_samples_per_s'] or 0:.2f})"
-        )
-        metrics_files = []
-        if not viz_only:
-            # This evaluation's own copy beside its pictures (never overwritten by another dataset's),
-            # and <run>/metrics.json (or --metrics_path) for the latest evaluation.
-            metrics_files = [Path(metrics_path)] if metrics_path else [out_viz / "metrics.json",
-                                                                       run_dir / "metrics.json"]
-            text = json.dumps(_json_safe(summary), indent=2) + "\n"
-            for path in metrics_files:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
-            summary["metrics_path"] = str(metrics_files[0])
-        gifs = write_scene_gifs([Path(p) for p in pngs], gif_fps, gif_scale)
-        summary["viz_dir"] = str(out_viz) if chosen else None
-        summary["gifs"] = [str(g) for g in gifs]
-        if tensorboard:
-            summary["tensorboard"] = _write_tensorboard(cfg, run_dir, step, summary, result, pngs, evaluated)
-        if chosen:
-            say(f"[eval] pictures: {len(pngs)} composites (PNG) and {len(gifs)} scene GIFs in {out_viz}")
-        if metrics_files:
-            also = f" (and {metrics_files[1]}, the latest evaluation's)" if len(metrics_files) > 1 else ""
-            say(f"[eval] metrics: {metrics_files[0]}{also}")
-        if tensorboard:
-            say(f"[eval] TensorBoard: tensorboard --logdir={summary['tensorboard']}")
-    summary["pngs"] = pngs  # every rank's, on every rank
+        summary["protocols"] = report.protocol_entries(result, cfg.target_raster)
     return summary
 
 
-def _write_tensorboard(
-    cfg,
-    run_dir: Path,
-    step: int,
-    summary: Mapping[str, Any],
-    result: Mapping[str, Any],
-    pngs: Sequence[str],
-    evaluated: str,
-) -> str:
-    from torch.utils.tensorboard import SummaryWriter
-
-    # One folder per evaluated dataset and split: their images and curves share tags and steps.
-    tb_dir = Path(cfg.log_dir) / run_dir.name / f"eval-{evaluated}"
-    writer = SummaryWriter(str(tb_dir))
-    try:
-        # The raster is in the tag: numbers scored against different ground truths are separate curves.
-        raster = f"raster_{cfg.target_raster}"
-        for protocol in PROTOCOLS if result else ():
-            writer.add_scalar(f"eval/iou_{protocol}_{raster}", result[protocol]["iou"], step)
-            for band, r in result[protocol]["bands"].items():
-                writer.add_scalar(f"eval/iou_{protocol}_{raster}_{band}", r["iou"], step)
-        if summary.get("samples_per_s"):
-            writer.add_scalar("eval/samples_per_s", summary["samples_per_s"], step)
-        for png in map(Path, pngs):
-            writer.add_image(f"eval_viz/{png.stem}", viz.read_png(png), step, dataformats="HWC")
-    finally:
-        writer.close()
-    return str(tb_dir)
+def _write_outputs(cfg, run: TrainedRun, summary, result, options: EvalOptions, pngs, folders, say):
+    """Rank 0: the table, metrics.json, GIFs, TensorBoard, and where each went. ``folders``: the
+    picture folder and the TensorBoard folder of this evaluation."""
+    out_viz, tb_dir = folders
+    if not options.viz_only:
+        say(format_table(result, raster=cfg.target_raster))
+    say(
+        f"[eval] {summary['samples']} samples in {summary['seconds']:.1f} s: {summary['samples_per_s']:.2f} "
+        f"samples/s (model alone {summary['model_samples_per_s'] or 0:.2f})"
+    )
+    metrics_files = []
+    if not options.viz_only:
+        # This evaluation's own copy beside its pictures (never overwritten by another dataset's),
+        # and <run>/metrics.json (or --metrics_path) for the latest evaluation.
+        metrics_files = (
+            [Path(options.metrics_path)]
+            if options.metrics_path
+            else [out_viz / "metrics.json", run.file.parent / "metrics.json"]
+        )
+        report.write_metrics(summary, metrics_files)
+        summary["metrics_path"] = str(metrics_files[0])
+    gifs = report.write_scene_gifs([Path(p) for p in pngs], options.gif_fps, options.gif_scale)
+    summary["gifs"] = [str(g) for g in gifs]
+    if options.tensorboard:
+        summary["tensorboard"] = report.write_tensorboard(
+            tb_dir, run.step, cfg.target_raster, result, summary.get("samples_per_s"), pngs
+        )
+    if summary["viz_dir"]:
+        say(f"[eval] pictures: {len(pngs)} composites (PNG) and {len(gifs)} scene GIFs in {out_viz}")
+    if metrics_files:
+        also = f" (and {metrics_files[1]}, the latest evaluation's)" if len(metrics_files) > 1 else ""
+        say(f"[eval] metrics: {metrics_files[0]}{also}")
+    if options.tensorboard:
+        say(f"[eval] TensorBoard: tensorboard --logdir={summary['tensorboard']}")
 
 
 def main(*args: Any, **flags: Any) -> Dict[str, Any]:
@@ -694,9 +539,12 @@ def main(*args: Any, **flags: Any) -> Dict[str, Any]:
     if flags.pop("help", False) or flags.pop("h", False):
         # evaluate() takes any training flag as an override, so fire would swallow --help.
         print(__doc__.strip() + "\n\n" + (evaluate.__doc__ or "").strip())
-        params = inspect.signature(evaluate).parameters.values()
-        params = [p for p in params if p.kind == p.POSITIONAL_OR_KEYWORD]
-        print("\nEval flags: " + ", ".join(f"--{p.name}={p.default!r}" for p in params))
+        defaults = {f.name: f.default for f in fields(EvalOptions)}
+        shown = [
+            f"--{k}={defaults.get(k, FLAG_BY_NAME[k].default if k in FLAG_BY_NAME else None)!r}"
+            for k in EVAL_FLAGS
+        ]
+        print("\nEval flags: " + ", ".join(shown))
         print("\nTraining flags (any can override the run's config):")
         print(", ".join(FLAG_BY_NAME))
         return {}
