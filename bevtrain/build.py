@@ -182,3 +182,30 @@ def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn
             f"{', '.join(sorted(known))}"
         )
     return torch.compile(model, backend=backend)
+
+
+# -- optimisation (training) ---------------------------------------------------------------------------
+def build_optimizer(cfg: Mapping[str, Any], model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def build_scheduler(cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer):
+    """Simple-BEV's schedule (None without use_scheduler): linear one-cycle over max_iters + 100 steps,
+    the spare steps keeping the last step in range."""
+    if not cfg["use_scheduler"]:
+        return None
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg["lr"], total_steps=cfg["max_iters"] + 100, pct_start=cfg["pct_start"],
+        cycle_momentum=False, anneal_strategy="linear",
+    )
+
+
+def build_precision(amp: str, device: torch.device):
+    """``(autocast, scaler, dtype)``: a callable giving the autocast context for --amp (a null context
+    for fp32), the GradScaler (enabled for fp16 only) and the autocast dtype (None = fp32)."""
+    import contextlib
+
+    dtype = amp_dtype(amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    return autocast, scaler, dtype
