@@ -69,7 +69,7 @@ from bevtrain.inference import (
 )
 from bevtrain.metrics import PROTOCOLS, format_table
 
-__all__ = ["EvalError", "EvalOptions", "evaluate", "find_checkpoint", "run_split", "main"]
+__all__ = ["cli", "EvalError", "EvalOptions", "evaluate", "find_checkpoint", "run_split", "main"]
 
 # Settings that shape the network's weights: a checkpoint only loads into a model built with these.
 MODEL_KEYS = (
@@ -535,7 +535,7 @@ def _write_outputs(cfg, run: TrainedRun, summary, result, options: EvalOptions, 
 
 
 def main(*args: Any, **flags: Any) -> Dict[str, Any]:
-    """Entry point for fire; errors a user can fix print without a traceback."""
+    """``evaluate`` with the errors a user can fix printed without a traceback; ``--help``."""
     if flags.pop("help", False) or flags.pop("h", False):
         # evaluate() takes any training flag as an override, so fire would swallow --help.
         print(__doc__.strip() + "\n\n" + (evaluate.__doc__ or "").strip())
@@ -555,7 +555,7 @@ def main(*args: Any, **flags: Any) -> Dict[str, Any]:
         raise SystemExit(2) from None
 
 
-if __name__ == "__main__":  # pragma: no cover
-    import fire
-
-    fire.Fire(main)
+def cli(*args: Any, **flags: Any) -> None:
+    """``eval_nuscenes.py``: fire parses the flags. The summary goes to metrics.json: returning it would
+    make fire print it all."""
+    main(*args, **flags)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ from bevtrain.run_files import code_version, next_steps, trim_log, unique_run_na
 from bevtrain.stopping import StopNow, StoppedBySignal, StopSignals, TestSignal
 from bevtrain.train_state import SafePoint, TrainState
 
-__all__ = ["main", "train", "train_step", "NonFiniteLossError", "StoppedBySignal", "format_duration"]
+__all__ = ["cli", "main", "train", "train_step", "NonFiniteLossError", "StoppedBySignal", "format_duration"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -625,3 +626,31 @@ def _open_folders(run: Run, version: str) -> CheckpointManager:
         f"below: Simple-BEV protocol under it); logs {run.log_run}, checkpoints {run.ckpt_run}"
     )
     return manager
+
+
+# -- command line ----------------------------------------------------------------------------------------
+def cli(**flags) -> None:
+    """``train_nuscenes.py``: fire parses the flags; errors a user can fix print without a traceback."""
+    from bevtrain.checkpoint import CheckpointError
+    from bevtrain.config import flags_help
+    from bevtrain.model.encoders import WeightsUnavailableError
+
+    if flags.pop("help", False) or flags.pop("h", False):  # fire hands --help on as a flag
+        print(CLI_USAGE + "\n" + flags_help())
+        return
+    try:
+        main(**flags)
+    except (ConfigError, CheckpointError, WeightsUnavailableError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+CLI_USAGE = """Train BEV vehicle segmentation on nuScenes (Simple-BEV flags).
+
+    python train_nuscenes.py --batch_size=1 --grad_acc=5 --lr=3e-4
+    python train_nuscenes.py --config=configs/quickstart.yaml
+    torchrun --nproc_per_node=4 train_nuscenes.py --config=configs/rgb.yaml
+    python train_nuscenes.py --resume=True            # continue the newest run
+
+Without data at data/nuscenes the synthetic set (data/synthetic) is generated and used.
+"""

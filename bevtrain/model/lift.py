@@ -69,14 +69,19 @@ def _check_feats(feats: torch.Tensor) -> None:
         raise ValueError(f"feature map {tuple(feats.shape[-2:])} too small to sample bilinearly")
 
 
+def _checked_voxel_centers(feats: torch.Tensor, vox_util: Vox_util) -> torch.Tensor:
+    """The features checked, and the voxel centres (V, 3) in the reference frame, fp32 under any autocast."""
+    _check_feats(feats)
+    with torch.autocast(device_type=feats.device.type, enabled=False):
+        return vox_util.voxel_centers_ref(feats.device)  # (V, 3) in [z, y, x] order
+
+
 def lift_reference(feats: torch.Tensor, featpix_T_ref: torch.Tensor, vox_util: Vox_util) -> torch.Tensor:
     """Straightforward lift with grid_sample over all (voxel, camera) pairs: (B, C, Z, Y, X)."""
-    _check_feats(feats)
+    xyz = _checked_voxel_centers(feats, vox_util)
     B, S, C, Hf, Wf = feats.shape
     Z, Y, X = vox_util.grid_shape
-    device = feats.device
-    with torch.autocast(device_type=device.type, enabled=False):
-        xyz = vox_util.voxel_centers_ref(device)  # (V, 3) in [z, y, x] order
+    with torch.autocast(device_type=feats.device.type, enabled=False):
         uv, visible = project_points(featpix_T_ref.float(), xyz, (Hf, Wf))
         grid = torch.stack([uv[..., 0] * (2.0 / (Wf - 1)) - 1.0, uv[..., 1] * (2.0 / (Hf - 1)) - 1.0], -1)
         sampled = F.grid_sample(
@@ -265,12 +270,11 @@ def lift_simplebev(feats: torch.Tensor, featpix_T_ref: torch.Tensor, vox_util: V
       (``|feat| > 0``), divided by ``count + 1e-6``.
     One camera at a time, so memory is B*C*Z*Y*X per camera rather than per rig.
     """
-    _check_feats(feats)
+    xyz = _checked_voxel_centers(feats, vox_util)
     B, S, C, Hf, Wf = feats.shape
     Z, Y, X = vox_util.grid_shape
     device = feats.device
     with torch.autocast(device_type=device.type, enabled=False):
-        xyz = vox_util.voxel_centers_ref(device)  # (V, 3) in [z, y, x] order
         featpix_T_ref = featpix_T_ref.float()
         rot, trans = featpix_T_ref[..., :3, :3], featpix_T_ref[..., :3, 3]
         pix = torch.einsum("bsij,nj->bsni", rot, xyz) + trans.unsqueeze(-2)  # (B, S, V, 3)
