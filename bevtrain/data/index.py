@@ -40,7 +40,6 @@ a custom split file:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -291,34 +290,29 @@ def load_devkit(dataroot: Path, version: str, verbose: bool = False):
         ) from None
 
 
-def build_records(dataroot: Path, version: str, scenes: Sequence[str], nsweeps: int, verbose=False):
-    """Load the devkit tables once; return the split's records (sorted by scene, time) and their
-    problems (position in that order -> list of problem dicts, see the module docstring)."""
-    global DEVKIT_LOADS
-    nusc = load_devkit(dataroot, version, verbose)
-    DEVKIT_LOADS += 1
+class _Tables:
+    """The devkit's tables with each ego pose and calibration converted (and checked) once."""
 
-    wanted = set(scenes)
-    have = {s["name"] for s in nusc.scene}
-    if not wanted & have:
-        raise ValueError(
-            f"none of the {len(wanted)} scenes of this split (e.g. {sorted(wanted)[:3]}) are in "
-            f"{dataroot}/{version} (it has {sorted(have)[:5]}...)"
-        )
+    def __init__(self, nusc):
+        self.nusc = nusc
+        self._poses: Dict[str, Tuple[np.ndarray, str | None]] = {}
+        self._calibs: Dict[str, dict] = {}
 
-    pose_cache: Dict[str, Tuple[np.ndarray, str | None]] = {}
-    calib_cache: Dict[str, dict] = {}
+    def get(self, table: str, token: str) -> dict:
+        return self.nusc.get(table, token)
 
-    def ego_pose(token):
-        if token not in pose_cache:
-            rec = nusc.get("ego_pose", token)
+    def ego_pose(self, token: str) -> Tuple[np.ndarray, str | None]:
+        """(global_T_ego, problem or None); NaN matrix when there is a problem."""
+        if token not in self._poses:
+            rec = self.nusc.get("ego_pose", token)
             bad = pose_problem(rec["translation"], rec["rotation"])
-            pose_cache[token] = (NAN_POSE if bad else _pose_matrix(rec["translation"], rec["rotation"]), bad)
-        return pose_cache[token]
+            self._poses[token] = (NAN_POSE if bad else _pose_matrix(rec["translation"], rec["rotation"]), bad)
+        return self._poses[token]
 
-    def calib(token):
-        if token not in calib_cache:
-            rec = nusc.get("calibrated_sensor", token)
+    def calib(self, token: str) -> dict:
+        """{ego_T_sensor, problem[, pix_T_cam for cameras]}; NaN matrices where there is a problem."""
+        if token not in self._calibs:
+            rec = self.nusc.get("calibrated_sensor", token)
             bad = pose_problem(rec["translation"], rec["rotation"])
             entry = {"ego_T_sensor": NAN_POSE if bad else _pose_matrix(rec["translation"], rec["rotation"]),
                      "problem": bad}
@@ -328,87 +322,123 @@ def build_records(dataroot: Path, version: str, scenes: Sequence[str], nsweeps: 
                 pix[:3, :3] = np.nan if bad_k else np.asarray(rec["camera_intrinsic"], dtype=np.float64)
                 entry["pix_T_cam"] = pix
                 entry["problem"] = "; ".join(p for p in (bad, bad_k) if p) or None
-            calib_cache[token] = entry
-        return calib_cache[token]
+            self._calibs[token] = entry
+        return self._calibs[token]
 
-    def _note(issues, bad, needed_for, channel, table, token):
+
+class _Problems(list):
+    """One sample's problems, in the order they are found (see the module docstring)."""
+
+    def note(self, bad: str | None, needed_for: str, channel: str, table: str, token: str) -> None:
         if bad:
-            issues.append(dict(needed_for=needed_for, channel=channel, table=table, token=token, reason=bad))
+            self.append(dict(needed_for=needed_for, channel=channel, table=table, token=token, reason=bad))
 
+
+def _camera_entry(tables: _Tables, sd_token: str, cam: str, problems: _Problems) -> dict:
+    sd = tables.get("sample_data", sd_token)
+    calib_token = sd["calibrated_sensor_token"]
+    c = tables.calib(calib_token)
+    problems.note(c["problem"], "always", cam, "calibrated_sensor", calib_token)
+    if "pix_T_cam" not in c:
+        problems.note("no camera_intrinsic", "always", cam, "calibrated_sensor", calib_token)
+    global_T_ego, bad = tables.ego_pose(sd["ego_pose_token"])
+    problems.note(bad, "always", cam, "ego_pose", sd["ego_pose_token"])
+    return {
+        "path": sd["filename"],
+        "width": int(sd["width"]),
+        "height": int(sd["height"]),
+        "timestamp": int(sd["timestamp"]),
+        "pix_T_cam": c.get("pix_T_cam", NAN_POSE),
+        "ego_T_cam": c["ego_T_sensor"],
+        "global_T_ego": global_T_ego,
+    }
+
+
+def _sweep_entry(tables: _Tables, sd_token: str, chan: str, nsweeps: int, problems: _Problems) -> dict:
+    """The keyframe's sweep and up to nsweeps - 1 earlier ones, newest first, following ``prev``."""
+    needed_for = "lidar" if chan == LIDAR_NAME else "radar"
+    paths, mats, egos, stamps = [], [], [], []
+    sd = tables.get("sample_data", sd_token)
+    for _ in range(max(1, nsweeps)):
+        c = tables.calib(sd["calibrated_sensor_token"])
+        problems.note(c["problem"], needed_for, chan, "calibrated_sensor", sd["calibrated_sensor_token"])
+        global_T_ego, bad = tables.ego_pose(sd["ego_pose_token"])
+        problems.note(bad, needed_for, chan, "ego_pose", sd["ego_pose_token"])
+        paths.append(sd["filename"])
+        egos.append(global_T_ego)
+        mats.append(global_T_ego @ c["ego_T_sensor"])
+        stamps.append(int(sd["timestamp"]))
+        if sd["prev"] == "":
+            break
+        sd = tables.get("sample_data", sd["prev"])
+    return {
+        "paths": paths,
+        "global_T_sensor": np.stack(mats),
+        "global_T_ego": np.stack(egos),
+        "timestamps": np.asarray(stamps, dtype=np.int64),
+    }
+
+
+def _boxes_entry(tables: _Tables, ann_tokens: Sequence[str], problems: _Problems) -> dict:
+    anns = [tables.get("sample_annotation", t) for t in ann_tokens]
+    for a in anns:
+        problems.note(box_problem(a), "always", "boxes", "sample_annotation", a["token"])
+    return {
+        "center": np.asarray([a["translation"] for a in anns], dtype=np.float64).reshape(-1, 3),
+        "wlh": np.asarray([a["size"] for a in anns], dtype=np.float64).reshape(-1, 3),
+        "rotation": np.asarray([a["rotation"] for a in anns], dtype=np.float64).reshape(-1, 4),
+        "category": [a["category_name"] for a in anns],
+        "instance": [a["instance_token"] for a in anns],
+        "visibility": np.asarray([int(a["visibility_token"] or 0) for a in anns], dtype=np.int64),
+    }
+
+
+def _sample_record(tables: _Tables, sample: dict, scene_name: str, nsweeps: int) -> Tuple[dict, _Problems]:
+    """One keyframe's record (layout in the module docstring) and its problems."""
+    data = sample["data"]
+    problems = _Problems()
+    lidar_sd = tables.get("sample_data", data[LIDAR_NAME])
+    global_T_ego_lidar, bad = tables.ego_pose(lidar_sd["ego_pose_token"])
+    problems.note(bad, "always", LIDAR_NAME, "ego_pose", lidar_sd["ego_pose_token"])
+    rec = {
+        "token": sample["token"],
+        "scene_name": scene_name,
+        "timestamp": int(sample["timestamp"]),
+        "global_T_ego_lidar": global_T_ego_lidar,
+        "cams": {cam: _camera_entry(tables, data[cam], cam, problems) for cam in CAMERA_NAMES},
+        "sweeps": {chan: _sweep_entry(tables, data[chan], chan, nsweeps, problems)
+                   for chan in SWEEP_CHANNELS if chan in data},
+    }
+    rec["boxes"] = _boxes_entry(tables, sample["anns"], problems)
+    return rec, problems
+
+
+def _check_scenes_present(nusc, scenes: Sequence[str], dataroot: Path, version: str) -> None:
+    wanted = set(scenes)
+    have = {s["name"] for s in nusc.scene}
+    if not wanted & have:
+        raise ValueError(
+            f"none of the {len(wanted)} scenes of this split (e.g. {sorted(wanted)[:3]}) are in "
+            f"{dataroot}/{version} (it has {sorted(have)[:5]}...)"
+        )
+
+
+def build_records(dataroot: Path, version: str, scenes: Sequence[str], nsweeps: int, verbose=False):
+    """Load the devkit tables once; return the split's records (sorted by scene, time) and their
+    problems (position in that order -> list of problem dicts, see the module docstring)."""
+    global DEVKIT_LOADS
+    nusc = load_devkit(dataroot, version, verbose)
+    DEVKIT_LOADS += 1
+    _check_scenes_present(nusc, scenes, dataroot, version)
+    wanted = set(scenes)
+    tables = _Tables(nusc)
     records, problems = [], []
     for sample in nusc.sample:
         scene_name = nusc.get("scene", sample["scene_token"])["name"]
-        if scene_name not in wanted:
-            continue
-        data = sample["data"]
-        issues: List[dict] = []
-        note = functools.partial(_note, issues)
-
-        lidar_sd = nusc.get("sample_data", data[LIDAR_NAME])
-        global_T_ego_lidar, bad = ego_pose(lidar_sd["ego_pose_token"])
-        note(bad, "always", LIDAR_NAME, "ego_pose", lidar_sd["ego_pose_token"])
-        rec = {
-            "token": sample["token"],
-            "scene_name": scene_name,
-            "timestamp": int(sample["timestamp"]),
-            "global_T_ego_lidar": global_T_ego_lidar,
-            "cams": {},
-            "sweeps": {},
-        }
-        for cam in CAMERA_NAMES:
-            sd = nusc.get("sample_data", data[cam])
-            c = calib(sd["calibrated_sensor_token"])
-            note(c["problem"], "always", cam, "calibrated_sensor", sd["calibrated_sensor_token"])
-            if "pix_T_cam" not in c:
-                note("no camera_intrinsic", "always", cam, "calibrated_sensor", sd["calibrated_sensor_token"])
-            global_T_ego, bad = ego_pose(sd["ego_pose_token"])
-            note(bad, "always", cam, "ego_pose", sd["ego_pose_token"])
-            rec["cams"][cam] = {
-                "path": sd["filename"],
-                "width": int(sd["width"]),
-                "height": int(sd["height"]),
-                "timestamp": int(sd["timestamp"]),
-                "pix_T_cam": c.get("pix_T_cam", NAN_POSE),
-                "ego_T_cam": c["ego_T_sensor"],
-                "global_T_ego": global_T_ego,
-            }
-        for chan in SWEEP_CHANNELS:
-            if chan not in data:
-                continue
-            needed_for = "lidar" if chan == LIDAR_NAME else "radar"
-            paths, mats, egos, stamps = [], [], [], []
-            sd = nusc.get("sample_data", data[chan])
-            for _ in range(max(1, nsweeps)):
-                c = calib(sd["calibrated_sensor_token"])
-                note(c["problem"], needed_for, chan, "calibrated_sensor", sd["calibrated_sensor_token"])
-                global_T_ego, bad = ego_pose(sd["ego_pose_token"])
-                note(bad, needed_for, chan, "ego_pose", sd["ego_pose_token"])
-                paths.append(sd["filename"])
-                egos.append(global_T_ego)
-                mats.append(global_T_ego @ c["ego_T_sensor"])
-                stamps.append(int(sd["timestamp"]))
-                if sd["prev"] == "":
-                    break
-                sd = nusc.get("sample_data", sd["prev"])
-            rec["sweeps"][chan] = {
-                "paths": paths,
-                "global_T_sensor": np.stack(mats),
-                "global_T_ego": np.stack(egos),
-                "timestamps": np.asarray(stamps, dtype=np.int64),
-            }
-        anns = [nusc.get("sample_annotation", t) for t in sample["anns"]]
-        for a in anns:
-            note(box_problem(a), "always", "boxes", "sample_annotation", a["token"])
-        rec["boxes"] = {
-            "center": np.asarray([a["translation"] for a in anns], dtype=np.float64).reshape(-1, 3),
-            "wlh": np.asarray([a["size"] for a in anns], dtype=np.float64).reshape(-1, 3),
-            "rotation": np.asarray([a["rotation"] for a in anns], dtype=np.float64).reshape(-1, 4),
-            "category": [a["category_name"] for a in anns],
-            "instance": [a["instance_token"] for a in anns],
-            "visibility": np.asarray([int(a["visibility_token"] or 0) for a in anns], dtype=np.int64),
-        }
-        records.append(rec)
-        problems.append(issues)
+        if scene_name in wanted:
+            rec, issues = _sample_record(tables, sample, scene_name, nsweeps)
+            records.append(rec)
+            problems.append(list(issues))
     order = sorted(range(len(records)), key=lambda i: (records[i]["scene_name"], records[i]["timestamp"]))
     return [records[i] for i in order], {k: problems[i] for k, i in enumerate(order) if problems[i]}
 
