@@ -20,6 +20,7 @@ import time
 
 import cv2
 
+from bevtrain.config import DataConfig
 from bevtrain.data import augment
 from bevtrain.data.dataset import NuScenesBEVDataset
 
@@ -60,8 +61,8 @@ def main() -> None:
         print(f"decode 1/{factor}: unchecked {1e3 * statistics.median(old):.3f} ms, checked "
               f"{1e3 * statistics.median(new):.3f} ms per image; checked/unchecked {ratio:.3f}")
     for res_scale in (2, 0.25):
-        ds = NuScenesBEVDataset(args.data_dir, dset=args.dset, split="val", is_train=False,
-                                res_scale=res_scale)
+        data = DataConfig.make(data_dir=args.data_dir, dset=args.dset, res_scale=res_scale)
+        ds = NuScenesBEVDataset(data, split="val", is_train=False)
         items = list(range(min(args.samples, len(ds))))
         old, new = [], []
         for _ in range(args.rounds):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from bevtrain.config import DataConfig
 from bevtrain.data import augment, index
 from bevtrain.data.dataset import CAMERA_NAMES, NuScenesBEVDataset
 
@@ -263,12 +264,11 @@ def main():
     _, info = index.load_index(args.data_dir, args.dset, args.split, nsweeps=3, cache_dir=args.cache_dir)
     print(f"index: {'cache hit' if info['cache_hit'] else 'built'} in {time.perf_counter() - t0:.2f}s")
     for rs in [float(s) for s in args.res_scales.split(",")]:
-        common = dict(dset=args.dset, split=args.split, res_scale=rs, cache_dir=args.cache_dir, nsweeps=3)
-        ours = NuScenesBEVDataset(
-            args.data_dir, is_train=True, use_radar=args.radar, use_metaradar=args.radar,
-            use_lidar=args.lidar, **common,
-        )  # fmt: skip
-        ours_val = NuScenesBEVDataset(args.data_dir, is_train=False, **common)
+        val_data = DataConfig.make(data_dir=args.data_dir, dset=args.dset, res_scale=rs,
+                                   cache_dir=args.cache_dir or "", nsweeps=3)
+        train_data = val_data.replace(use_radar=args.radar, use_metaradar=args.radar, use_lidar=args.lidar)
+        ours = NuScenesBEVDataset(train_data, split=args.split, is_train=True)
+        ours_val = NuScenesBEVDataset(val_data, split=args.split, is_train=False)
         rows = [
             ("floor (decode 6 JPEGs)", FloorDataset(ours)),
             ("floor at train decode sizes", FloorDataset(ours, train_factors=True)),

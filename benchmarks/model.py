@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bevtrain.build import compile_model, configure_cuda  # noqa: E402
+from bevtrain.config import ModelConfig  # noqa: E402
 from bevtrain.geometry import Vox_util, pad_intrinsics, rigid_inverse  # noqa: E402
 from bevtrain.losses import compute_losses  # noqa: E402
 from bevtrain.model import Segnet  # noqa: E402
@@ -110,10 +111,8 @@ def run_one(
     cfg = SETTINGS[setting]
     (Z, Y, X), B = cfg["grid"], batch
     torch.manual_seed(0)
-    vox_util = Vox_util(Z, Y, X)
-    model = Segnet(
-        Z, Y, X, vox_util=vox_util, encoder_type=cfg["encoder_type"], encoder_weights="none", lift_impl=lift
-    ).to(device)
+    settings = ModelConfig.make(Z=Z, Y=Y, X=X, encoder_type=cfg["encoder_type"], encoder_weights="none")
+    model = Segnet(settings, lift_impl=lift).to(device)
     channels_last = "channels_last" in mode
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

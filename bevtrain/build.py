@@ -16,7 +16,7 @@ from typing import Any, Collection, Dict, Mapping
 
 import torch
 
-from bevtrain.config import DEFAULTS, Config, ConfigError
+from bevtrain.config import DEFAULTS, Config, ConfigError, DataConfig, ModelConfig
 from bevtrain.geometry import Vox_util
 
 _announced = set()
@@ -70,42 +70,14 @@ def build_vox_util(cfg: Mapping[str, Any]) -> Vox_util:
 def build_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
     from bevtrain.model import Segnet
 
-    return Segnet(
-        cfg["Z"], cfg["Y"], cfg["X"], build_vox_util(cfg),
-        encoder_type=cfg["encoder_type"],
-        encoder_weights=cfg["encoder_weights"],
-        latent_dim=cfg["latent_dim"],
-        use_radar=cfg["use_radar"],
-        use_lidar=cfg["use_lidar"],
-        use_metaradar=cfg["use_metaradar"],
-        radar_features=cfg["radar_features"],
-        do_rgbcompress=cfg["do_rgbcompress"],
-        compat=cfg["compat"],
-    )
-
-
-def dataset_kwargs(cfg: Mapping[str, Any], split: str, is_train: bool) -> Dict[str, Any]:
-    return dict(
-        dset=cfg["dset"], split=split, is_train=is_train, res_scale=cfg["res_scale"],
-        rand_crop_and_resize=cfg["rand_crop_and_resize"], rand_flip=cfg["rand_flip"],
-        ncams=cfg["ncams"], nsweeps=cfg["nsweeps"], do_shuffle_cams=cfg["do_shuffle_cams"],
-        refcam_id=cfg["refcam_id"], use_radar=cfg["use_radar"], use_radar_filters=cfg["use_radar_filters"],
-        use_lidar=cfg["use_lidar"], use_metaradar=cfg["use_metaradar"],
-        radar_features=cfg["radar_features"], seqlen=cfg["seqlen"],
-        get_tids=cfg["get_tids"], temporal_aug=cfg["temporal_aug"], Z=cfg["Z"], Y=cfg["Y"], X=cfg["X"],
-        bounds=tuple(cfg["bounds"]), scene_centroid=tuple(cfg["scene_centroid"]),
-        classes=tuple(cfg["classes"]), cache_dir=cfg["cache_dir"] or None, seed=cfg["seed"],
-        compat=cfg["compat"],
-        target_raster=cfg["target_raster"],
-        bad_samples=cfg["bad_samples"], max_bad_fraction=cfg["max_bad_fraction"],
-    )
+    return Segnet(ModelConfig.from_config(cfg))
 
 
 def build_dataset(cfg: Mapping[str, Any], split: str = "train", is_train: bool = True):
     """The dataset of a split ('train' or 'val') of a resolved config (see resolve_data_dir)."""
     from bevtrain.data.dataset import NuScenesBEVDataset
 
-    return NuScenesBEVDataset(cfg["data_dir"], **dataset_kwargs(cfg, split, is_train))
+    return NuScenesBEVDataset(DataConfig.from_config(cfg), split=split, is_train=is_train)
 
 
 def build_loader(cfg: Mapping[str, Any], ds, is_train: bool, batch_size: int, rank: int = 0,
@@ -114,12 +86,13 @@ def build_loader(cfg: Mapping[str, Any], ds, is_train: bool, batch_size: int, ra
     positions, each once across ranks (evaluation of chosen samples)."""
     from bevtrain.data.dataset import make_loader
 
+    data = DataConfig.from_config(cfg)
     if indices is not None:
         return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=list(indices)[rank::world_size],
-                                           num_workers=cfg["nworkers"], pin_memory=torch.cuda.is_available())
+                                           num_workers=data.nworkers, pin_memory=torch.cuda.is_available())
 
-    return make_loader(ds, batch_size, cfg["nworkers"], cfg["shuffle"], is_train,
-                       rank=rank, world_size=world_size, seed=cfg["seed"])
+    return make_loader(ds, batch_size, data.nworkers, data.shuffle, is_train,
+                       rank=rank, world_size=world_size, seed=data.seed)
 
 
 # -- running the model on a batch (shared by training and evaluation) -------------------------------

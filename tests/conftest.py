@@ -21,3 +21,15 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = Path(root) if root else tmp_path_factory.mktemp("synthetic")
     ensure_synthetic(root, progress=False, **TEST_SET)
     return root
+
+
+def make_dataset(root, split="val", is_train=False, fast_decode=True, **settings):
+    """NuScenesBEVDataset of ``root`` with data settings named as flags (dset 'mini' unless given;
+    paths may be Path objects)."""
+    from bevtrain.config import DataConfig
+    from bevtrain.data.dataset import NuScenesBEVDataset
+
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
+    settings.setdefault("dset", "mini")
+    data = DataConfig.make(data_dir=str(root), **settings)
+    return NuScenesBEVDataset(data, split=split, is_train=is_train, fast_decode=fast_decode)

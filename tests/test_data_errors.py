@@ -9,12 +9,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import make_dataset
 
 from bevtrain.data import augment, index, verify
 from bevtrain.data.dataset import (
     BadSampleError,
     BadSampleLog,
-    NuScenesBEVDataset,
     SampleReadError,
     TooManyBadSamplesError,
     make_loader,
@@ -41,11 +41,9 @@ def _write_table(root, name, rows):
     (root / TABLES / f"{name}.json").write_text(json.dumps(rows, indent=0))
 
 
-def _train_ds(root, tmp_path, **kw):
-    args = dict(dset="mini", split="train", is_train=True, res_scale=0.25, Z=32, Y=4, X=32,
-                cache_dir=tmp_path / "cache")
-    args.update(kw)
-    return NuScenesBEVDataset(root, **args)
+def _train_ds(root, tmp_path, fast_decode=True, **kw):
+    settings = {"res_scale": 0.25, "Z": 32, "Y": 4, "X": 32, "cache_dir": tmp_path / "cache", **kw}
+    return make_dataset(root, "train", True, fast_decode=fast_decode, **settings)
 
 
 def _cam_file(root, ds, position, cam="CAM_FRONT"):

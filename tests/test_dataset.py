@@ -4,7 +4,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import make_dataset
 
+from bevtrain.config import DataConfig
 from bevtrain.data import index, targets
 from bevtrain.data.dataset import CAMERA_NAMES, EpochSampler, NuScenesBEVDataset, SampleReadError, make_loader
 
@@ -21,10 +23,8 @@ def nusc(synthetic_root):
     return NuScenes("v1.0-mini", dataroot=str(synthetic_root), verbose=False)
 
 
-def _ds(root, cache, **kw):
-    args = dict(dset="mini", split="val", is_train=False, res_scale=1, cache_dir=cache)
-    args.update(kw)
-    return NuScenesBEVDataset(root, **args)
+def _ds(root, cache, split="val", is_train=False, **kw):
+    return make_dataset(root, split, is_train, **{"res_scale": 1, "cache_dir": cache, **kw})
 
 
 def _devkit_boxes(nusc, sample_token, cam):
@@ -297,7 +297,29 @@ def test_clear_errors_for_missing_and_corrupt_files(synthetic_root, cache, tmp_p
     with pytest.raises(SampleReadError, match="corrupt.jpg"):
         ds[0]
     with pytest.raises(FileNotFoundError, match="v1.0-mini"):
-        NuScenesBEVDataset(tmp_path, dset="mini", split="val", cache_dir=cache)
+        _ds(tmp_path, cache)
+
+
+@pytest.mark.parametrize(
+    "bad,error,message",
+    [
+        (dict(target_raster="fillpoly"), ValueError, "target_raster='fillpoly': use one of"),
+        (dict(seqlen=2), NotImplementedError, "seqlen=2: only single frames"),
+        (dict(ncams=7), ValueError, "ncams=7 must be in 1..6"),
+        (dict(refcam_id=6), ValueError, "refcam_id=6 must index CAMERA_NAMES"),
+        (dict(use_metaradar=True), ValueError, "use_metaradar needs use_radar=True"),
+        (dict(radar_features="dense"), ValueError, "radar_features='dense'; valid: simplebev, rich"),
+        (dict(nsweeps=0), ValueError, "nsweeps=0 must be >= 1"),
+        (dict(compat="sb"), ValueError, "compat='sb'; valid: none, simplebev"),
+        (dict(bad_samples="ignore"), ValueError, r"bad_samples='ignore' must be one of \['stop', 'skip'\]"),
+    ],
+)
+def test_settings_are_checked_before_the_index_is_read(tmp_path, bad, error, message):
+    """A data section the dataset cannot use (one built without flag validation, e.g. by replace) is
+    refused by name, before any file is opened: data_dir does not even exist."""
+    data = DataConfig.make(data_dir=str(tmp_path / "absent"), dset="mini").replace(**bad)
+    with pytest.raises(error, match=message):
+        NuScenesBEVDataset(data, split="val", is_train=False)
 
 
 def test_ref_T_ego_is_the_lidar_keyframe_ego_pose_in_the_reference_frame(synthetic_root, tmp_path):

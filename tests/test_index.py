@@ -111,9 +111,10 @@ def test_cache_env_var(synthetic_root, tmp_path, monkeypatch):
 def test_cache_hit_does_not_import_devkit(synthetic_root, tmp_path):
     index.load_index(synthetic_root, "mini", "val", nsweeps=3, cache_dir=tmp_path, verbose=False)
     code = (
-        "import sys; from bevtrain.data.dataset import NuScenesBEVDataset;"
-        f"ds = NuScenesBEVDataset({str(synthetic_root)!r}, 'mini', 'val', is_train=False,"
-        f" cache_dir={str(tmp_path)!r});"
+        "import sys; from bevtrain.config import DataConfig;"
+        "from bevtrain.data.dataset import NuScenesBEVDataset;"
+        f"data = DataConfig.make(data_dir={str(synthetic_root)!r}, dset='mini', cache_dir={str(tmp_path)!r});"
+        "ds = NuScenesBEVDataset(data, 'val', is_train=False);"
         "ds[0];"
         "bad = [m for m in sys.modules if m.startswith('nuscenes')];"
         "assert not bad, bad; print(len(ds))"

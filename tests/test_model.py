@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from bevtrain.config import ModelConfig
 from bevtrain.geometry import Vox_util, pad_intrinsics, rigid_inverse
 from bevtrain.losses import compute_losses
 from bevtrain.model import (
@@ -15,6 +16,7 @@ from bevtrain.model import (
     lift_features,
     lift_reference,
 )
+from bevtrain.model.segnet import RADAR_FEAT_DIM
 
 SMALL_BOUNDS = (-16.0, 16.0, -5.0, 5.0, -16.0, 16.0)
 
@@ -114,11 +116,11 @@ def test_lift_averages_over_the_cameras_that_see_a_voxel():
 # ----------------------------------------------------------------------------------- model
 
 
-def small_model(**kw):
-    vox_util = Vox_util(kw.pop("Z", 16), kw.pop("Y", 4), kw.pop("X", 16), bounds=SMALL_BOUNDS)
-    kw.setdefault("encoder_weights", "none")
-    kw.setdefault("encoder_type", "res18")
-    return Segnet(vox_util.Z, vox_util.Y, vox_util.X, vox_util=vox_util, **kw)
+def small_model(radar_feat_dim=RADAR_FEAT_DIM, **settings):
+    """A 16 x 4 x 16 res18 Segnet with random weights; ``settings`` are model flags."""
+    settings = {"Z": 16, "Y": 4, "X": 16, "bounds": SMALL_BOUNDS, "encoder_weights": "none",
+                "encoder_type": "res18", **settings}
+    return Segnet(ModelConfig.make(**settings), radar_feat_dim=radar_feat_dim)
 
 
 def ring_inputs(B=1, S=4, H=32, W=64, seed=0):
@@ -149,6 +151,36 @@ def test_output_shapes_for_every_encoder(encoder_type):
     assert out["offset"].shape == (2, 2, 16, 16)
     assert out["feat"].shape == (2, 16, 16, 16)
     assert all(torch.isfinite(v).all() for v in out.values())
+
+
+@pytest.mark.parametrize(
+    "bad,knobs,message",
+    [
+        (dict(use_metaradar=True), {}, r"use_metaradar=True needs use_radar=True"),
+        (dict(radar_features="dense"), {}, "radar_features='dense'; valid: simplebev, rich"),
+        ({}, dict(lift_impl="dense"), "lift_impl='dense'; valid: sparse, reference"),
+        (dict(compat="sb"), {}, "compat='sb'; valid: none, simplebev"),
+        (dict(compat="simplebev", use_radar=True, use_lidar=True), {}, "takes radar or lidar, not both"),
+        (dict(compat="simplebev", use_radar=True, radar_features="rich"), {}, "needs Simple-BEV's radar"),
+        (dict(compat="simplebev", use_radar=True), dict(radar_feat_dim=2), "needs Simple-BEV's radar input"),
+    ],
+)
+def test_unusable_model_settings_are_named(bad, knobs, message):
+    model = ModelConfig.make(encoder_type="res18", encoder_weights="none").replace(**bad)
+    with pytest.raises(ValueError, match=message):
+        Segnet(model, **knobs)
+
+
+def test_the_grid_comes_from_the_section():
+    bounds = (-10.0, 10.0, -2.0, 2.0, -6.0, 6.0)
+    model = small_model(Z=12, Y=2, X=20, bounds=bounds, scene_centroid=(1.0, 0.5, 2.0), latent_dim=8)
+    vox = model.vox_util
+    assert vox.grid_shape == (12, 2, 20)
+    centres = vox.voxel_centers_ref().reshape(12, 2, 20, 3)  # (Z, Y, X, xyz) metres, ref frame
+    # 1 m cells in x, z and 2 m in y, shifted by the centroid: x in [-9, 11], y in [-1.5, 2.5], z in [-4, 8]
+    torch.testing.assert_close(centres[0, 0, 0], torch.tensor([-9.0 + 0.5, -1.5 + 1.0, -4.0 + 0.5]))
+    torch.testing.assert_close(centres[-1, -1, -1], torch.tensor([11.0 - 0.5, 2.5 - 1.0, 8.0 - 0.5]))
+    assert model.bev_compressor[0].in_channels == 8 * 2
 
 
 def test_unknown_encoder_lists_valid_names():
@@ -402,7 +434,7 @@ def test_overfits_two_synthetic_samples(nusc):
     assert len(samples) == 2, "the synthetic set should have samples with vehicles near the ego car"
     batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
-    model = Segnet(Z, Y, X, vox_util=vox_util, encoder_type="res18", encoder_weights="none", latent_dim=32)
+    model = small_model(Z=Z, Y=Y, X=X, latent_dim=32)
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
 
     def iou():

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import make_dataset
 
 from bevtrain.data import index, points
 
@@ -230,18 +231,15 @@ def _simplebev_radar_reference(nusc, sample_token, nsweeps, metaradar, vox):
 
 @pytest.mark.parametrize("metaradar", [False, True])
 def test_simplebev_radar_input_equals_simple_bevs_rule(synthetic_root, nusc, tmp_path_factory, metaradar):
-    from bevtrain.data.dataset import NuScenesBEVDataset
-    from bevtrain.geometry import Vox_util
+    from bevtrain.config import ModelConfig
     from bevtrain.model import Segnet
 
-    ds = NuScenesBEVDataset(
-        synthetic_root, dset="mini", split="val", is_train=False, res_scale=0.25, nsweeps=NSWEEPS,
-        use_radar=True, use_metaradar=metaradar, radar_features="simplebev",
-        cache_dir=tmp_path_factory.mktemp("idx"),
-    )  # fmt: skip
-    vox = Vox_util()  # the paper grid 200 x 8 x 200
-    model = Segnet(vox.Z, vox.Y, vox.X, vox, encoder_type="res18", encoder_weights="none", latent_dim=8,
-                   use_radar=True, use_metaradar=metaradar, radar_features="simplebev")
+    radar = dict(use_radar=True, use_metaradar=metaradar, radar_features="simplebev")
+    ds = make_dataset(synthetic_root, "val", False, res_scale=0.25, nsweeps=NSWEEPS,
+                      cache_dir=tmp_path_factory.mktemp("idx"), **radar)
+    model = Segnet(ModelConfig.make(encoder_type="res18", encoder_weights="none", latent_dim=8, **radar))
+    vox = model.vox_util  # the paper grid 200 x 8 x 200 (flag defaults)
+    assert vox.grid_shape == (200, 8, 200)
     assert model.point_bev_channels() == (16 * vox.Y if metaradar else 1)  # Simple-BEV's compressor input
     assert model.bev_compressor[0].in_channels == 8 * vox.Y + (16 * vox.Y if metaradar else 1)
     shared_total = 0
@@ -260,14 +258,11 @@ def test_simplebev_radar_input_equals_simple_bevs_rule(synthetic_root, nusc, tmp
 
 def test_simplebev_radar_mirror_moves_points_not_features(synthetic_root, tmp_path_factory):
     """Simple-BEV flips the radar grid with the BEV features and leaves the values alone."""
-    from bevtrain.data.dataset import NuScenesBEVDataset
-
     cache = tmp_path_factory.mktemp("idx")
-    kw = dict(dset="mini", split="val", res_scale=0.25, nsweeps=2, ncams=1, use_radar=True,
-              use_metaradar=True, radar_features="simplebev", cache_dir=cache)
-    val = NuScenesBEVDataset(synthetic_root, is_train=False, **kw)
-    train = NuScenesBEVDataset(synthetic_root, is_train=True, do_shuffle_cams=False,
-                               rand_crop_and_resize=False, **kw)
+    kw = dict(res_scale=0.25, nsweeps=2, ncams=1, use_radar=True, use_metaradar=True,
+              radar_features="simplebev", cache_dir=cache)
+    val = make_dataset(synthetic_root, "val", False, **kw)
+    train = make_dataset(synthetic_root, "val", True, do_shuffle_cams=False, rand_crop_and_resize=False, **kw)
     flipped = 0
     for i in range(len(val)):
         a, b = val[i], train[i]

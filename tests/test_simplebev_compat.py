@@ -15,8 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import make_dataset
 
 from bevtrain.checkpoint import CheckpointError, load_checkpoint
+from bevtrain.config import ModelConfig
 from bevtrain.convert_simplebev import convert, convert_weights
 from bevtrain.data import augment
 from bevtrain.geometry import Vox_util, pad_intrinsics, rigid_inverse
@@ -122,9 +124,10 @@ def save_like_saverloader(folder: Path, state, step=25000, module_prefix=False):
     return path
 
 
-def compat_model(encoder="res101", latent=128, Y=8, metaradar=False, Z=8, X=8, **kw):
-    return Segnet(Z, Y, X, Vox_util(Z, Y, X), encoder_type=encoder, encoder_weights="none", latent_dim=latent,
-                  use_radar=metaradar, use_metaradar=metaradar, compat="simplebev", **kw)
+def compat_model(encoder="res101", latent=128, Y=8, metaradar=False, Z=8, X=8, **settings):
+    model = ModelConfig.make(Z=Z, Y=Y, X=X, encoder_type=encoder, encoder_weights="none", latent_dim=latent,
+                             use_radar=metaradar, use_metaradar=metaradar, compat="simplebev", **settings)
+    return Segnet(model)
 
 
 # ------------------------------------------------------------------------------ checkpoint conversion
@@ -267,10 +270,7 @@ def test_effnet_convs_pad_like_efficientnet_pytorch():
 def test_simplebev_validation_inputs(synthetic_root, tmp_path):
     from PIL import Image
 
-    from bevtrain.data.dataset import NuScenesBEVDataset
-
-    ds = NuScenesBEVDataset(synthetic_root, dset="mini", split="val", is_train=False, res_scale=1,
-                            cache_dir=tmp_path, compat="simplebev")
+    ds = make_dataset(synthetic_root, "val", False, res_scale=1, cache_dir=tmp_path, compat="simplebev")
     sample = ds[0]
     rec = ds.records[0]
     for s, cam_id in enumerate(sample["cam_ids"].tolist()):

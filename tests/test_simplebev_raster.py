@@ -21,6 +21,7 @@ import shutil
 import cv2
 import numpy as np
 import pytest
+from conftest import make_dataset
 from pyquaternion import Quaternion
 
 from bevtrain.data.dataset import CAMERA_NAMES, NuScenesBEVDataset
@@ -137,10 +138,8 @@ def _check_sample(nusc, out, ref_cam):
 def test_val_maps_equal_simplebev_rule(synthetic_root, tilted_root, tmp_path, tilted):
     root = tilted_root if tilted else synthetic_root
     nusc = _nusc(root)
-    ds = NuScenesBEVDataset(
-        root, dset="mini", split="val", is_train=False, res_scale=0.25, cache_dir=tmp_path,
-        target_raster="simplebev", **GRID,
-    )  # fmt: skip
+    ds = make_dataset(root, "val", False, res_scale=0.25, cache_dir=tmp_path, target_raster="simplebev",
+                      **GRID)
     cells = invalid = 0
     for i in range(len(ds)):
         out = ds[i]
@@ -157,10 +156,9 @@ def test_shuffled_reference_camera_and_frames_stay_consistent(tilted_root, tmp_p
     from nuscenes.utils.geometry_utils import BoxVisibility
 
     nusc = _nusc(tilted_root)
-    ds = NuScenesBEVDataset(
-        tilted_root, dset="mini", split="val", is_train=True, res_scale=0.25, cache_dir=tmp_path,
-        rand_flip=False, rand_crop_and_resize=False, do_shuffle_cams=True, seed=5,
-        target_raster="simplebev", **GRID,
+    ds = make_dataset(
+        tilted_root, "val", True, res_scale=0.25, cache_dir=tmp_path, rand_flip=False,
+        rand_crop_and_resize=False, do_shuffle_cams=True, seed=5, target_raster="simplebev", **GRID,
     )  # fmt: skip
     refs = set()
     for i in range(len(ds)):
@@ -192,11 +190,11 @@ def test_shuffled_reference_camera_and_frames_stay_consistent(tilted_root, tmp_p
 
 def test_exact_raster_differs_and_is_smaller(synthetic_root, tmp_path):
     """The two rules are different ground truths: Simple-BEV's footprints cover more cells."""
-    kw = dict(dset="mini", split="val", is_train=False, res_scale=0.25, cache_dir=tmp_path, **GRID)
-    sb = NuScenesBEVDataset(synthetic_root, target_raster="simplebev", **kw)
-    ex = NuScenesBEVDataset(synthetic_root, target_raster="exact", **kw)
+    kw = dict(split="val", is_train=False, res_scale=0.25, cache_dir=tmp_path, **GRID)
+    sb = make_dataset(synthetic_root, target_raster="simplebev", **kw)
+    ex = make_dataset(synthetic_root, target_raster="exact", **kw)
     a = sum(float(sb[i]["seg_bev"].sum()) for i in range(len(sb)))
     b = sum(float(ex[i]["seg_bev"].sum()) for i in range(len(ex)))
     assert a > 1.1 * b > 0, (a, b)
-    with pytest.raises(ValueError, match="target_raster"):
-        NuScenesBEVDataset(synthetic_root, target_raster="fillpoly", **kw)
+    with pytest.raises(ValueError, match="target_raster='fillpoly': use one of"):
+        NuScenesBEVDataset(sb.data.replace(target_raster="fillpoly"), "val", is_train=False)

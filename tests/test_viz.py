@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_dataset
 from nuscenes.utils.data_classes import Box
 from nuscenes.utils.geometry_utils import view_points
 from pyquaternion import Quaternion
@@ -228,9 +229,7 @@ def test_boxes_on_a_real_synthetic_sample_land_where_the_devkit_projects_them(sy
     from nuscenes.nuscenes import NuScenes
     from nuscenes.utils.geometry_utils import BoxVisibility
 
-    dataset = pytest.importorskip("bevtrain.data.dataset")
-    ds = dataset.NuScenesBEVDataset(synthetic_root, dset="mini", split="val", is_train=False, res_scale=1,
-                                    cache_dir=tmp_path)  # fmt: skip
+    ds = make_dataset(synthetic_root, "val", False, res_scale=1, cache_dir=tmp_path)
     batch = torch.utils.data.default_collate([ds[1]])
     nusc = NuScenes("v1.0-mini", dataroot=str(synthetic_root), verbose=False)
     sample = nusc.get("sample", batch["sample_token"][0])

@@ -50,13 +50,14 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bevtrain import geometry
+from bevtrain.config import DataConfig
 from bevtrain.data import augment, points, targets
 from bevtrain.data.index import CAMERA_NAMES, LIDAR_NAME, RADAR_NAMES, load_index
 
@@ -118,99 +119,83 @@ class SampleAug:
     image_augs: list  # augment.ImageAug per camera, in cam_ids order
 
 
+def check_data_settings(data: DataConfig) -> None:
+    """ValueError (NotImplementedError for seqlen) naming the setting a dataset cannot use."""
+    if data.target_raster not in targets.TARGET_RASTERS:
+        raise ValueError(
+            f"target_raster={data.target_raster!r}: use one of {list(targets.TARGET_RASTERS)}"
+        )
+    if data.seqlen != 1:
+        raise NotImplementedError(
+            f"seqlen={data.seqlen}: only single frames (seqlen=1) are supported by the batch contract"
+        )
+    if not 1 <= data.ncams <= len(CAMERA_NAMES):
+        raise ValueError(f"ncams={data.ncams} must be in 1..{len(CAMERA_NAMES)}")
+    if not 0 <= data.refcam_id < len(CAMERA_NAMES):
+        raise ValueError(f"refcam_id={data.refcam_id} must index CAMERA_NAMES {CAMERA_NAMES}")
+    if data.use_metaradar and not data.use_radar:
+        raise ValueError("use_metaradar needs use_radar=True")
+    if data.radar_features not in RADAR_FEATURES:
+        raise ValueError(f"radar_features={data.radar_features!r}; valid: {', '.join(RADAR_FEATURES)}")
+    if data.nsweeps < 1:
+        raise ValueError(f"nsweeps={data.nsweeps} must be >= 1")
+    if data.compat not in ("none", "simplebev"):
+        raise ValueError(f"compat={data.compat!r}; valid: none, simplebev")
+    if data.bad_samples not in BAD_SAMPLE_MODES:
+        raise ValueError(f"bad_samples={data.bad_samples!r} must be one of {list(BAD_SAMPLE_MODES)}")
+
 
 class NuScenesBEVDataset(Dataset):
+    """Samples of one split (the batch contract of README.md), built from the data section of a config:
+    ``NuScenesBEVDataset(DataConfig.make(data_dir=root, dset="mini"), split="val", is_train=False)``.
+
+    ``fast_decode``: decode JPEGs at a reduced scale when the output size allows (augment).
+    """
+
     def __init__(
-        self,
-        data_dir,
-        dset: str = "mini",
-        split: str = "train",
-        is_train: bool = True,
-        res_scale: float = 2,
-        rand_crop_and_resize: bool = True,
-        rand_flip: bool = True,
-        ncams: int = 6,
-        nsweeps: int = 3,
-        do_shuffle_cams: bool = True,
-        refcam_id: int = 1,
-        use_radar: bool = False,
-        use_radar_filters: bool = False,
-        use_lidar: bool = False,
-        use_metaradar: bool = False,
-        radar_features: str = "simplebev",
-        seqlen: int = 1,
-        get_tids: bool = False,
-        temporal_aug: bool = False,
-        Z: int = 200,
-        Y: int = 8,
-        X: int = 200,
-        bounds: Sequence[float] = geometry.DEFAULT_BOUNDS,
-        scene_centroid: Sequence[float] = geometry.DEFAULT_CENTROID,
-        classes: Sequence[str] = ("vehicle",),
-        cache_dir=None,
-        seed: int = 0,
-        fast_decode: bool = True,
-        compat: str = "none",
-        target_raster: str = "simplebev",
-        bad_samples: str = "stop",
-        max_bad_fraction: float = 0.01,
+        self, data: DataConfig, split: str = "train", is_train: bool = True, fast_decode: bool = True
     ):
-        if target_raster not in targets.TARGET_RASTERS:
-            raise ValueError(
-                f"target_raster={target_raster!r}: use one of {list(targets.TARGET_RASTERS)}"
-            )
-        if seqlen != 1:
-            raise NotImplementedError(
-                f"seqlen={seqlen}: only single frames (seqlen=1) are supported by the batch contract"
-            )
-        if not 1 <= ncams <= len(CAMERA_NAMES):
-            raise ValueError(f"ncams={ncams} must be in 1..{len(CAMERA_NAMES)}")
-        if not 0 <= refcam_id < len(CAMERA_NAMES):
-            raise ValueError(f"refcam_id={refcam_id} must index CAMERA_NAMES {CAMERA_NAMES}")
-        if use_metaradar and not use_radar:
-            raise ValueError("use_metaradar needs use_radar=True")
-        if radar_features not in RADAR_FEATURES:
-            raise ValueError(f"radar_features={radar_features!r}; valid: {', '.join(RADAR_FEATURES)}")
-        if nsweeps < 1:
-            raise ValueError(f"nsweeps={nsweeps} must be >= 1")
-        if compat not in ("none", "simplebev"):
-            raise ValueError(f"compat={compat!r}; valid: none, simplebev")
-        if bad_samples not in BAD_SAMPLE_MODES:
-            raise ValueError(f"bad_samples={bad_samples!r} must be one of {list(BAD_SAMPLE_MODES)}")
+        check_data_settings(data)
+        self.data = data
+        self.split = split
+        self.is_train = is_train
+        self.fast_decode = fast_decode
         self.records, self.index_info = load_index(
-            data_dir, dset, split, nsweeps=nsweeps, cache_dir=cache_dir
+            data.data_dir, data.dset, split, nsweeps=data.nsweeps, cache_dir=data.cache_dir or None
         )
         if len(self.records) == 0:
-            raise ValueError(f"split {split!r} of dset {dset!r} in {data_dir} has no samples")
+            raise ValueError(f"split {split!r} of dset {data.dset!r} in {data.data_dir} has no samples")
         self.dataroot = self.index_info["dataroot"]
-        self.is_train = is_train
-        self.final_dim = augment.final_dim_for(res_scale)
-        self.rand_crop_and_resize = rand_crop_and_resize
-        self.rand_flip = rand_flip
-        self.ncams = ncams
-        self.nsweeps = nsweeps
-        self.do_shuffle_cams = do_shuffle_cams
-        self.refcam_id = refcam_id
-        self.use_radar = use_radar
-        self.use_radar_filters = use_radar_filters
-        self.use_lidar = use_lidar
-        self.use_metaradar = use_metaradar
-        self.radar_features = radar_features
-        self.get_tids = get_tids
-        self.classes = tuple(classes)
-        self.seed = int(seed)
-        self.fast_decode = fast_decode
-        # compat='simplebev': intrinsics in Simple-BEV's convention, and its PIL NEAREST val resize.
-        self.compat = compat
-        self.target_raster = target_raster
+        self._read_settings(data)
         self.epoch = 0
-        self.vox = geometry.Vox_util(Z, Y, X, scene_centroid=scene_centroid, bounds=bounds)
-        self.split = split
-        self.bad_samples = bad_samples
-        self.max_bad_fraction = float(max_bad_fraction)
         # position -> {"index", "token", "scene", "reason"} of samples known to be bad (in a loader
         # worker this grows with what the worker finds; the outcome never depends on it)
         self.bad: Dict[int, dict] = self._check_index_problems()
+
+    def _read_settings(self, data: DataConfig) -> None:
+        """The section's settings as attributes, and what follows from them (image size, grid)."""
+        self.final_dim = augment.final_dim_for(data.res_scale)
+        self.rand_crop_and_resize = data.rand_crop_and_resize
+        self.rand_flip = data.rand_flip
+        self.ncams = data.ncams
+        self.nsweeps = data.nsweeps
+        self.do_shuffle_cams = data.do_shuffle_cams
+        self.refcam_id = data.refcam_id
+        self.use_radar = data.use_radar
+        self.use_radar_filters = data.use_radar_filters
+        self.use_lidar = data.use_lidar
+        self.use_metaradar = data.use_metaradar
+        self.radar_features = data.radar_features
+        self.get_tids = data.get_tids
+        self.classes = tuple(data.classes)
+        self.seed = int(data.seed)
+        # compat='simplebev': intrinsics in Simple-BEV's convention, and its PIL NEAREST val resize.
+        self.compat = data.compat
+        self.target_raster = data.target_raster
+        self.bad_samples = data.bad_samples
+        self.max_bad_fraction = float(data.max_bad_fraction)
+        self.vox = geometry.Vox_util(data.Z, data.Y, data.X, scene_centroid=data.scene_centroid,
+                                     bounds=data.bounds)
         # The BEV mirror is an array flip only if the grid is symmetric about 0 on that axis.
         self._can_flip_x = abs(self.vox.xmin + self.vox.xmax) < 1e-6
         self._can_flip_z = abs(self.vox.zmin + self.vox.zmax) < 1e-6

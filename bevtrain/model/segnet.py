@@ -33,6 +33,7 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
+from bevtrain.config import ModelConfig
 from bevtrain.geometry import Vox_util
 from bevtrain.model.decoder import Decoder
 from bevtrain.model.encoders import (
@@ -62,22 +63,41 @@ def _padding_mask(count: torch.Tensor, n: int) -> torch.Tensor:
     return torch.arange(n, device=count.device).unsqueeze(0) < count.reshape(-1, 1)
 
 
+def check_model_settings(model: ModelConfig, lift_impl: str, radar_feat_dim: int) -> None:
+    """ValueError naming the setting a Segnet cannot be built with."""
+    if model.use_metaradar and not model.use_radar:
+        raise ValueError("use_metaradar=True needs use_radar=True (metaradar adds features to radar)")
+    if model.radar_features not in RADAR_FEATURES:
+        raise ValueError(f"radar_features={model.radar_features!r}; valid: {', '.join(RADAR_FEATURES)}")
+    if lift_impl not in LIFTS:
+        raise ValueError(f"lift_impl={lift_impl!r}; valid: {', '.join(LIFTS)}")
+    if model.compat not in COMPAT_MODES:
+        raise ValueError(f"compat={model.compat!r}; valid: {', '.join(COMPAT_MODES)}")
+    if model.compat == "simplebev":
+        if model.use_radar and model.use_lidar:
+            raise ValueError("compat='simplebev': Simple-BEV's Segnet takes radar or lidar, not both")
+        if model.use_radar and (model.radar_features != "simplebev" or radar_feat_dim != RADAR_FEAT_DIM):
+            raise ValueError("compat='simplebev' needs Simple-BEV's radar input: "
+                             f"radar_features='simplebev' with {RADAR_FEAT_DIM} metaradar channels")
+
+
 class Segnet(nn.Module):
     """Multi-camera BEV segmentation network.
 
     Args:
-        Z, Y, X: voxel grid (must equal ``vox_util.grid_shape``).
-        vox_util: the grid's geometry (bounds, centroid); also voxelises radar / lidar.
-        encoder_type: one of ``ENCODER_TYPES`` (res101, res50, res18, effb0, effb4).
-        encoder_weights: 'imagenet' | 'none' | path to a torchvision state dict.
-        latent_dim: channels of image features, BEV features and the 'feat' output.
-        use_radar / use_metaradar / radar_feat_dim / radar_features: radar as input (see
-            ``point_bev_inputs``), the ``radar_feat_dim`` columns after xyz as features.
-        use_lidar: lidar occupancy per voxel, folded likewise.
-        do_rgbcompress: fold Y into channels and compress (True), or average over Y (False).
+        model: the model section of a config (``ModelConfig.make(...)`` outside a run):
+            Z, Y, X, bounds, scene_centroid: the voxel grid (``self.vox_util``, which also voxelises
+                radar / lidar);
+            encoder_type: one of ``ENCODER_TYPES`` (res101, res50, res18, effb0, effb4);
+            encoder_weights: 'imagenet' | 'none' | path to a torchvision state dict;
+            latent_dim: channels of image features, BEV features and the 'feat' output;
+            use_radar / use_metaradar / radar_features: radar as input (see ``point_bev_inputs``);
+            use_lidar: lidar occupancy per voxel, folded likewise;
+            do_rgbcompress: fold Y into channels and compress (True), or average over Y (False);
+            compat: 'none' (bevtrain's exact conventions) or 'simplebev' (Simple-BEV's forward pass,
+                see the module docstring; ``lift_impl`` is then unused).
         lift_impl: 'sparse' (fast) or 'reference' (grid_sample over all voxels; for comparison).
-        compat: 'none' (bevtrain's exact conventions) or 'simplebev' (Simple-BEV's forward pass,
-            see the module docstring; ``lift_impl`` is then unused).
+        radar_feat_dim: radar feature columns after xyz (metaradar).
 
     ``forward(images, pix_T_cams, cams_T_ref, radar=None, radar_count=None, lidar=None,
     lidar_count=None)``: images uint8 (B, S, 3, H, W) RGB; pix_T_cams (B, S, 4, 4) for the images
@@ -88,62 +108,34 @@ class Segnet(nn.Module):
     """
 
     def __init__(
-        self,
-        Z: int,
-        Y: int,
-        X: int,
-        vox_util: Vox_util,
-        encoder_type: str = "res101",
-        encoder_weights: str = "imagenet",
-        latent_dim: int = 128,
-        use_radar: bool = False,
-        use_lidar: bool = False,
-        use_metaradar: bool = False,
-        radar_feat_dim: int = RADAR_FEAT_DIM,
-        radar_features: str = "simplebev",
-        do_rgbcompress: bool = True,
-        lift_impl: str = "sparse",
-        compat: str = "none",
+        self, model: ModelConfig, *, lift_impl: str = "sparse", radar_feat_dim: int = RADAR_FEAT_DIM
     ):
         super().__init__()
-        if tuple(vox_util.grid_shape) != (Z, Y, X):
-            raise ValueError(f"vox_util grid {vox_util.grid_shape} does not match Z, Y, X = {(Z, Y, X)}")
-        if use_metaradar and not use_radar:
-            raise ValueError("use_metaradar=True needs use_radar=True (metaradar adds features to radar)")
-        if radar_features not in RADAR_FEATURES:
-            raise ValueError(f"radar_features={radar_features!r}; valid: {', '.join(RADAR_FEATURES)}")
-        if lift_impl not in LIFTS:
-            raise ValueError(f"lift_impl={lift_impl!r}; valid: {', '.join(LIFTS)}")
-        if compat not in COMPAT_MODES:
-            raise ValueError(f"compat={compat!r}; valid: {', '.join(COMPAT_MODES)}")
-        if compat == "simplebev":
-            if use_radar and use_lidar:
-                raise ValueError("compat='simplebev': Simple-BEV's Segnet takes radar or lidar, not both")
-            if use_radar and (radar_features != "simplebev" or radar_feat_dim != RADAR_FEAT_DIM):
-                raise ValueError("compat='simplebev' needs Simple-BEV's radar input: "
-                                 f"radar_features='simplebev' with {RADAR_FEAT_DIM} metaradar channels")
-        self.compat = compat
-        self.Z, self.Y, self.X = Z, Y, X
+        check_model_settings(model, lift_impl, radar_feat_dim)
+        self.compat = model.compat
+        self.Z, self.Y, self.X = model.Z, model.Y, model.X
         self.lift_impl = lift_impl
-        self.vox_util = vox_util
-        self.encoder_type = encoder_type
-        self.latent_dim = latent_dim
-        self.use_radar, self.use_lidar, self.use_metaradar = use_radar, use_lidar, use_metaradar
+        self.vox_util = Vox_util(model.Z, model.Y, model.X, scene_centroid=model.scene_centroid,
+                                 bounds=model.bounds)
+        self.encoder_type = model.encoder_type
+        self.latent_dim = latent_dim = model.latent_dim
+        self.use_radar, self.use_lidar = model.use_radar, model.use_lidar
+        self.use_metaradar = model.use_metaradar
         self.radar_feat_dim = radar_feat_dim
-        self.radar_features = radar_features
-        self.do_rgbcompress = do_rgbcompress
+        self.radar_features = model.radar_features
+        self.do_rgbcompress = model.do_rgbcompress
 
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
-        self.encoder = build_encoder(encoder_type, latent_dim, encoder_weights)
-        if compat == "simplebev" and encoder_type.startswith("eff"):
-            use_simplebev_effnet_conventions(self.encoder, encoder_type)
+        self.encoder = build_encoder(model.encoder_type, latent_dim, model.encoder_weights)
+        if model.compat == "simplebev" and model.encoder_type.startswith("eff"):
+            use_simplebev_effnet_conventions(self.encoder, model.encoder_type)
 
         self.point_channels = self.point_bev_channels()
-        self.uses_compressor = do_rgbcompress or self.point_channels > 0
+        self.uses_compressor = model.do_rgbcompress or self.point_channels > 0
         if self.uses_compressor:
             self.bev_compressor = nn.Sequential(
-                nn.Conv2d(latent_dim * Y + self.point_channels, latent_dim, kernel_size=3, padding=1,
+                nn.Conv2d(latent_dim * model.Y + self.point_channels, latent_dim, kernel_size=3, padding=1,
                           bias=False),
                 nn.InstanceNorm2d(latent_dim),
                 nn.GELU(),

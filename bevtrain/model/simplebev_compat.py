@@ -5,7 +5,7 @@ Simple-BEV's ``saverloader.save`` writes ``{'model_state_dict', 'optimizer_state
 carry a ``module.`` prefix. The file holds no config: the model settings come from flags, and
 ``check_settings`` compares them with what the tensors imply (encoder, latent_dim, radar/lidar).
 
-Name map (Simple-BEV -> bevtrain; the architectures are the same, see ``Segnet(compat='simplebev')``):
+Name map (Simple-BEV -> bevtrain; the architectures are the same, see ``Segnet`` with compat='simplebev'):
 
     encoder.backbone.{0..5}.*            -> encoder.stem_to_layer2.{0..5}.*   (res50/res101)
     encoder.backbone._conv_stem/_bn0     -> encoder.to_stride8.0.{0,1}        (effb0/effb4)
@@ -213,7 +213,7 @@ def compressor_permutation(latent_dim: int, Y: int, radar: str, lidar: bool) -> 
 def convert_state_dict(
     sd: Mapping[str, torch.Tensor], model: torch.nn.Module, source: str = "Simple-BEV checkpoint"
 ) -> Dict[str, torch.Tensor]:
-    """Simple-BEV state dict -> a state dict that ``model`` (a ``Segnet(compat='simplebev')``) loads
+    """Simple-BEV state dict -> a state dict that ``model`` (a ``Segnet`` built with compat='simplebev') loads
     strictly. Every Simple-BEV tensor must find a model tensor of the same shape and every model
     tensor must be filled; otherwise SimplebevCheckpointError lists the names on both sides."""
     if getattr(model, "compat", "none") != "simplebev":
