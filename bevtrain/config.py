@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Tuple, TypeVar
@@ -276,6 +277,8 @@ def _coerce_scalar(kind: str, value: Any) -> Any:
     if kind == "str":
         if isinstance(value, str):
             return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # fire turns --exp_name=3 into an int
         raise TypeError

@@ -24,12 +24,10 @@ def synthetic_root(tmp_path_factory) -> Path:
 
 
 def make_dataset(root, split="val", is_train=False, fast_decode=True, **settings):
-    """NuScenesBEVDataset of ``root`` with data settings named as flags (dset 'mini' unless given;
-    paths may be Path objects)."""
+    """NuScenesBEVDataset of ``root`` with data settings named as flags (dset 'mini' unless given)."""
     from bevtrain.config import DataConfig
     from bevtrain.data.dataset import NuScenesBEVDataset
 
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
     settings.setdefault("dset", "mini")
-    data = DataConfig.make(data_dir=str(root), **settings)
+    data = DataConfig.make(data_dir=root, **settings)
     return NuScenesBEVDataset(data, split=split, is_train=is_train, fast_decode=fast_decode)

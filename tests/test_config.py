@@ -163,3 +163,11 @@ def test_override_saved_reports_changes_and_legacy_values():
     assert cfg.lr == 1e-3 and cfg.stop_at == 0
     assert changed == {"lr": (5e-4, 1e-3)}
     assert legacy == {"target_raster": "exact"} and cfg.target_raster == "exact"
+
+
+def test_path_values_are_accepted_where_a_string_is_expected(tmp_path):
+    from bevtrain.config import DataConfig
+
+    assert DataConfig.make(data_dir=tmp_path, cache_dir=tmp_path / "c").cache_dir == str(tmp_path / "c")
+    cfg, _ = resolve_config({"log_dir": tmp_path})
+    assert cfg.log_dir == str(tmp_path)
