@@ -392,10 +392,7 @@ def _split_dataset(cfg: Config, split: str):
         ) from e
 
 
-def evaluate_run(
-    cfg: Config, run: TrainedRun, notes: Sequence[str], options: EvalOptions, info
-) -> Dict[str, Any]:
-    say = print if info.is_main else (lambda *a, **k: None)
+def _announce(cfg: Config, run: TrainedRun, notes: Sequence[str], say) -> None:
     say(f"[eval] checkpoint {run.file} (step {run.step}); config from {run.source}; compat={cfg.compat}")
     for k, v in run.legacy.items():
         say(
@@ -404,13 +401,23 @@ def evaluate_run(
         )
     for note in notes:
         say(f"[eval] override {note}")
+
+
+def _ready_model(cfg: Config, run: TrainedRun, device: torch.device) -> torch.nn.Module:
+    model = _build_model(cfg, run).to(device).eval()
+    configure_cuda(device, cfg.deterministic)
+    return compile_model(model, cfg.compile_backend) if cfg.compile else model
+
+
+def evaluate_run(
+    cfg: Config, run: TrainedRun, notes: Sequence[str], options: EvalOptions, info
+) -> Dict[str, Any]:
+    say = print if info.is_main else (lambda *a, **k: None)
+    _announce(cfg, run, notes, say)
     device = info.device
     cfg = resolve_data_dir(cfg, announce=info.is_main)
     check_val_split(cfg)
-    model = _build_model(cfg, run).to(device).eval()
-    configure_cuda(device, cfg.deterministic)
-    if cfg.compile:
-        model = compile_model(model, cfg.compile_backend)
+    model = _ready_model(cfg, run, device)
     per_rank = max(1, math.ceil(cfg.batch_size / info.world_size))
     ds = _split_dataset(cfg, options.split)
     n = len(ds)
