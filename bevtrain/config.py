@@ -1,4 +1,5 @@
-"""Training flags (Simple-BEV's names, meanings and defaults), YAML presets and validation.
+"""Training flags (Simple-BEV's names, meanings and defaults), YAML presets, validation, and the typed
+sections (data, model, optim, run) that the parts of bevtrain read.
 
 Precedence: defaults < YAML preset (``--config=configs/NAME.yaml``) < command line.
 Every flag has a type taken from its default (or given explicitly); a value of the wrong type,
