@@ -36,7 +36,7 @@ from bevtrain.checkpoint import (
 )
 from bevtrain.config import Config, ConfigError, override_saved, resolve_config
 from bevtrain.convert_simplebev import check_simplebev_settings, convert_weights, simplebev_mode
-from bevtrain.data.dataset import BadSampleLog
+from bevtrain.data.dataset import BadSampleLog, stop_workers
 from bevtrain.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -146,10 +146,15 @@ class Run:
             raise StopNow
 
     def close(self) -> None:
+        """Signals back to their previous handlers, writers closed, loader workers stopped (now, not
+        whenever the run object is collected)."""
         self.stop.uninstall()
         for writer in (*self.writers, self.log_file):
             if writer is not None:
                 writer.close()
+        for loader in self.loaders:
+            if loader is not None:
+                stop_workers(loader)
 
 
 def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, Any]:

@@ -304,3 +304,13 @@ def test_grad_acc_averages_micro_batches_like_one_big_batch(tmp_path, synthetic_
     for key in [(1, 4), (2, 2)]:
         rel = ((grads[key] - big).norm() / big.norm()).item()
         assert rel < 1e-4, (key, rel)
+
+
+def test_loader_workers_are_gone_when_the_run_returns(tmp_path, synthetic_root):
+    """Workers ignore SIGTERM (signals are the main process's business), so any left alive when a run
+    returns would make the interpreter's exit wait on them forever: the run stops them itself."""
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    main(**tiny(tmp_path, synthetic_root, nworkers=2, max_iters=2))
+    assert set(multiprocessing.active_children()) - before == set()

@@ -606,27 +606,41 @@ def worker_signals_held():
 
 
 # Workers ignore SIGTERM, but multiprocessing's exit handler stops leftover workers with SIGTERM and
-# then waits for them: a process leaving by an exception whose traceback still holds a loader
-# iterator (so it is never deleted) would wait forever. So the iterators of loaders made here are
-# remembered and, at exit (this handler runs before multiprocessing's), stop their workers as a
-# deleted iterator would.
+# then waits for them: a process leaving while a loader iterator is still referenced (a traceback, a
+# reference cycle not yet collected) would wait forever. So the iterators of loaders made here are
+# remembered and, at exit, stop their workers as a deleted iterator would. atexit runs handlers last
+# registered first, and multiprocessing may register its own only when the first worker starts, so
+# ours is registered after that (when an iterator with workers first exists).
 _LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+_EXIT_HANDLER_REGISTERED = False
 
 
 class _Loader(DataLoader):
     """A DataLoader whose worker-backed iterators are remembered for _stop_all_workers."""
 
     def __iter__(self):
+        global _EXIT_HANDLER_REGISTERED
         iterator = super().__iter__()
         if self.num_workers > 0:
             _LIVE_ITERATORS.add(iterator)
+            if not _EXIT_HANDLER_REGISTERED:
+                atexit.register(_stop_all_workers)
+                _EXIT_HANDLER_REGISTERED = True
         return iterator
 
 
-@atexit.register
 def _stop_all_workers() -> None:
     for iterator in list(_LIVE_ITERATORS):
         iterator._shutdown_workers()
+
+
+def stop_workers(loader) -> None:
+    """Stop a loader's worker processes now (a persistent loader keeps them between epochs)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        _LIVE_ITERATORS.discard(iterator)
+        loader._iterator = None
 
 
 def _worker_init(worker_id: int) -> None:
