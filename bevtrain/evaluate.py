@@ -106,7 +106,8 @@ class EvalOptions:
     split: str = "val"
 
 
-EVAL_FLAGS = ("init_dir", "load_step", *SHORTCUT_FLAGS, *(f.name for f in fields(EvalOptions)))
+EVAL_OPTION_NAMES = tuple(f.name for f in fields(EvalOptions))
+EVAL_FLAGS = ("init_dir", "load_step", *SHORTCUT_FLAGS, *EVAL_OPTION_NAMES)
 
 
 @dataclass
@@ -196,8 +197,12 @@ def open_run(init_dir: str, load_step: Any = None) -> TrainedRun:
 
 
 def _differences(a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str]) -> List[str]:
-    listed = [(k, *(list(v) if isinstance(v, tuple) else v for v in (a.get(k), b.get(k)))) for k in keys]
-    return [f"{k}: {va!r} (checkpoint) vs {vb!r} (now)" for k, va, vb in listed if va != vb]
+    out = []
+    for k in keys:
+        va, vb = (list(v) if isinstance(v, tuple) else v for v in (a.get(k), b.get(k)))
+        if va != vb:
+            out.append(f"{k}: {va!r} (checkpoint) vs {vb!r} (now)")
+    return out
 
 
 def eval_config(trained: Mapping[str, Any], overrides: Mapping[str, Any]) -> Tuple[Config, List[str]]:
@@ -300,48 +305,18 @@ def run_split(
     return {"result": result, "samples": tally.samples, "pngs": pictures.pngs, **timing}
 
 
-def evaluate(
-    init_dir: str = "",
-    load_step: Any = None,
-    dset: str | None = None,
-    data_dir: str | None = None,
-    batch_size: int | None = None,
-    nworkers: int | None = None,
-    amp: str | None = None,
-    device: str | None = None,
-    viz_every: int = 10,
-    max_viz: int = 50,
-    viz_only: bool = False,
-    viz_dir: str = "",
-    viz_width: int = 400,
-    gif_fps: float = 2.0,
-    gif_scale: float = 0.5,
-    metrics_path: str = "",
-    log_dir: str | None = None,
-    tensorboard: bool = True,
-    split: str = "val",
-    **overrides: Any,
-) -> Dict[str, Any]:
+def evaluate(init_dir: str = "", load_step: Any = None, **flags: Any) -> Dict[str, Any]:
     """Evaluate the checkpoint in ``init_dir`` on ``split``; returns the metrics dict (also on disk).
 
-    Flags: ``--load_step`` picks ``model-<step>.pth`` (default: newest). ``--dset``, ``--data_dir``,
-    ``--batch_size`` (global, split across ranks), ``--nworkers``, ``--amp``, ``--device`` and any
-    training flag override the run's saved config. ``--viz_every``/``--max_viz`` choose samples to
-    draw (0 = none); ``--viz_only`` runs the model on those samples only and skips the metric.
+    Flags: ``--load_step`` picks ``model-<step>.pth`` (default: newest). The fields of EvalOptions
+    (``--viz_every``/``--max_viz`` choose samples to draw, 0 = none; ``--viz_only`` runs the model on
+    those samples only and skips the metric; ``--split``, ``--metrics_path``, ...) say what is drawn
+    and written. ``--dset``, ``--data_dir``, ``--batch_size`` (global, split across ranks),
+    ``--nworkers``, ``--amp``, ``--device`` and any other training flag override the run's saved config.
     """
-    shortcuts = dict(
-        dset=dset,
-        data_dir=data_dir,
-        batch_size=batch_size,
-        nworkers=nworkers,
-        amp=amp,
-        device=device,
-        log_dir=log_dir,
-    )
-    overrides = {**{k: v for k, v in shortcuts.items() if v is not None}, **overrides}
-    options = EvalOptions(
-        viz_every, max_viz, viz_only, viz_dir, viz_width, gif_fps, gif_scale, metrics_path, tensorboard, split
-    )
+    options = EvalOptions(**{k: flags.pop(k) for k in list(flags) if k in EVAL_OPTION_NAMES})
+    # A shortcut left at None means "as in training"; other training flags are taken as given.
+    overrides = {k: v for k, v in flags.items() if not (k in SHORTCUT_FLAGS and v is None)}
     run = open_run(init_dir, load_step)
     run.legacy = {k: v for k, v in run.legacy.items() if k not in overrides}
     cfg, notes = eval_config(run.trained, overrides)
@@ -546,11 +521,9 @@ def main(*args: Any, **flags: Any) -> Dict[str, Any]:
     if flags.pop("help", False) or flags.pop("h", False):
         # evaluate() takes any training flag as an override, so fire would swallow --help.
         print(__doc__.strip() + "\n\n" + (evaluate.__doc__ or "").strip())
-        defaults = {f.name: f.default for f in fields(EvalOptions)}
-        shown = [
-            f"--{k}={defaults.get(k, FLAG_BY_NAME[k].default if k in FLAG_BY_NAME else None)!r}"
-            for k in EVAL_FLAGS
-        ]
+        # init_dir is required, load_step defaults to the newest, the shortcuts to the run's values.
+        defaults = {"init_dir": "", "load_step": None, **{f.name: f.default for f in fields(EvalOptions)}}
+        shown = [f"--{k}={defaults.get(k)!r}" for k in EVAL_FLAGS]
         print("\nEval flags: " + ", ".join(shown))
         print("\nTraining flags (any can override the run's config):")
         print(", ".join(FLAG_BY_NAME))
