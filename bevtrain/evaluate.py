@@ -37,10 +37,10 @@ import yaml
 
 from bevtrain import report
 from bevtrain.build import (
-    amp_dtype,
     build_dataset,
     build_loader,
     build_model,
+    build_precision,
     build_vox_util,
     compile_model,
     configure_cuda,
@@ -248,16 +248,6 @@ def check_val_split(cfg: Config) -> None:
 
 
 # -- the loop -----------------------------------------------------------------------------------------
-def autocast_for(amp: str, device: torch.device):
-    """Autocast context for --amp and the precision's name (auto = bf16 on CUDA, fp32 elsewhere)."""
-    from contextlib import nullcontext
-
-    dtype = amp_dtype(amp, device)
-    if dtype is None:
-        return nullcontext(), "fp32"
-    return torch.autocast(device_type=device.type, dtype=dtype), "bf16" if dtype == torch.bfloat16 else "fp16"
-
-
 def viz_indices(n: int, viz_every: int, max_viz: int) -> List[int]:
     """Dataset positions to visualise: every viz_every-th, at most max_viz (0 = none)."""
     if viz_every <= 0 or max_viz <= 0:
@@ -409,7 +399,8 @@ def evaluate_run(
         info.world_size,
         indices=chosen if options.viz_only else None,
     )
-    autocast, precision = autocast_for(cfg.amp, device)
+    autocast, _, dtype = build_precision(cfg.amp, device)  # the same precision as training's
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     evaluated = report.evaluated_name(cfg.data_dir, cfg.dset, options.split)
     out_viz = (
         Path(options.viz_dir) if options.viz_dir else run.file.parent / f"viz-{run.step:09d}-{evaluated}"
@@ -421,7 +412,7 @@ def evaluate_run(
     )
 
     def predict(batch):
-        with autocast:
+        with autocast():
             return forward(model, batch)["seg"].float()
 
     done = run_split(
