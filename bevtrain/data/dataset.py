@@ -11,6 +11,9 @@ pose of that camera depends on ``target_raster`` (targets.TARGET_RASTERS):
 
 Either way every transform is composed through the global frame with each sensor's own ego pose,
 so cameras, boxes and sweeps captured at slightly different times stay consistent with the targets.
+The one exception is ``compat='simplebev'``: there ``cams_T_ref`` is Simple-BEV's static rig,
+``inv(ego_T_camX) @ ego_T_cam0`` (then the BEV mirror), every camera on the reference camera's ego
+pose through its extrinsics alone, the inputs its released weights were trained on.
 
 Camera order: the reference camera is always slot 0 (Simple-BEV's convention), the others follow
 in ``CAMERA_NAMES`` order (validation) or in random order (training). ``cam_ids`` gives each slot's
@@ -333,7 +336,16 @@ class NuScenesBEVDataset(Dataset):
             global_T_ref0 = global_T_cams[0]
             ref_T_global = cams_T_global[0]
         global_T_ref = global_T_ref0 @ mirror  # M is its own inverse
-        cams_T_ref = np.stack([cam_T_global @ global_T_ref for cam_T_global in cams_T_global])  # (S,4,4)
+        if self.compat == "simplebev":
+            # Simple-BEV's static rig (its get_camM_T_camXs): every camera placed on one ego pose by its
+            # extrinsics alone, so the ego motion between the captures is not in cams_T_ref; its weights
+            # were trained on that rig.
+            ego_T_ref = cams[0]["ego_T_cam"] @ mirror
+            cams_T_ref = np.stack(
+                [geometry.rigid_inverse(torch.from_numpy(c["ego_T_cam"])).numpy() @ ego_T_ref for c in cams]
+            )  # (S,4,4)
+        else:
+            cams_T_ref = np.stack([cam_T_global @ global_T_ref for cam_T_global in cams_T_global])  # (S,4,4)
 
         images = np.empty((len(cam_ids), 3) + tuple(self.final_dim), np.uint8)  # (S,3,H,W)
         pix_T_cams = []
