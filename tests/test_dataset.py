@@ -36,12 +36,26 @@ def _devkit_boxes(nusc, sample_token, cam):
     return [b for b in boxes if b.name.startswith("vehicle.")], np.asarray(K)
 
 
-def _ours_in_devkit_order(nusc, out):
-    """Devkit CAM_FRONT boxes re-ordered like the dataset's (by distance in the ref frame)."""
-    boxes, _ = _devkit_boxes(nusc, out["sample_token"], "CAM_FRONT")
-    dist = [np.linalg.norm(b.center[[0, 2]]) for b in boxes]
-    order = np.argsort(dist, kind="stable")[: len(out["box_corners"])]
-    return [boxes[i].token for i in order]
+def _devkit_tokens_in_dataset_order(nusc, out):
+    """Tokens of the devkit's vehicle boxes ordered like the dataset's: by ground distance in the
+    reference frame of the default simplebev raster, the reference camera's extrinsics on the LIDAR_TOP
+    keyframe's ego pose (boxes from the devkit in the lidar frame, moved by the calibration tables)."""
+    from nuscenes.utils.geometry_utils import transform_matrix
+    from pyquaternion import Quaternion
+
+    sample = nusc.get("sample", out["sample_token"])
+
+    def ego_T_sensor(channel):
+        sd = nusc.get("sample_data", sample["data"][channel])
+        cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
+        return transform_matrix(cs["translation"], Quaternion(cs["rotation"]))
+
+    ref_cam = CAMERA_NAMES[int(out["cam_ids"][0])]
+    ref_T_lidar = np.linalg.inv(ego_T_sensor(ref_cam)) @ ego_T_sensor("LIDAR_TOP")
+    boxes, _ = _devkit_boxes(nusc, out["sample_token"], "LIDAR_TOP")
+    centres = np.array([ref_T_lidar[:3, :3] @ b.center + ref_T_lidar[:3, 3] for b in boxes]).reshape(-1, 3)
+    order = np.argsort(np.linalg.norm(centres[:, [0, 2]], axis=1), kind="stable")  # the mirror keeps it
+    return [boxes[i].token for i in order[: len(out["box_corners"])]]
 
 
 def test_contract_val(synthetic_root, cache):
@@ -56,7 +70,10 @@ def test_contract_val(synthetic_root, cache):
         assert out[key].shape == shape and out[key].dtype == torch.float32, key
     assert out["box_visibility"].shape == (64,) and out["box_visibility"].dtype == torch.int64
     assert out["cam_ids"].tolist() == [1, 0, 2, 3, 4, 5]  # reference camera (CAM_FRONT) first
-    torch.testing.assert_close(out["cams_T_ref"][0], torch.eye(4), atol=1e-6, rtol=0)
+    # the reference frame is the reference camera itself under the exact raster (under simplebev it
+    # sits on the lidar keyframe's ego pose: test_cams_T_ref_places_each_camera_at_its_own_capture_pose)
+    exact = _ds(synthetic_root, cache, target_raster="exact")[0]
+    torch.testing.assert_close(exact["cams_T_ref"][0], torch.eye(4), atol=1e-6, rtol=0)
     assert "radar" not in out and "lidar" not in out
     assert isinstance(out["sample_token"], str) and out["scene_name"].startswith("scene-")
     assert out["index"].item() == 0
@@ -72,7 +89,7 @@ def test_boxes_project_like_devkit(synthetic_root, cache, nusc):
         rec = ds.records[i]
         n = int(out["box_count"])
         corners = out["box_corners"][:n].double().numpy()
-        tokens = _ours_in_devkit_order(nusc, out)
+        tokens = _devkit_tokens_in_dataset_order(nusc, out)
         checked = 0
         for s, cam_id in enumerate(out["cam_ids"].tolist()):
             cam = CAMERA_NAMES[cam_id]
@@ -137,7 +154,7 @@ def test_train_augmentation_keeps_image_content_and_geometry(synthetic_root, cac
             err_off, _ = _warp_check(out["images"][s].numpy(), orig, K_off, K_raw)
             assert err < 6 and err < 0.8 * err_off, (cam, err, err_off)
         # Geometry with the BEV mirror: cameras see the (mirrored) boxes where the devkit puts them.
-        tokens = _ours_in_devkit_order_train(nusc, out)
+        tokens = _devkit_tokens_in_dataset_order(nusc, out)
         n = int(out["box_count"])
         for s, cam_id in enumerate(out["cam_ids"].tolist()):
             boxes, _ = _devkit_boxes(nusc, out["sample_token"], CAMERA_NAMES[cam_id])
@@ -147,14 +164,6 @@ def test_train_augmentation_keeps_image_content_and_geometry(synthetic_root, cac
                 ours_cam = (c_ref @ cam_T_ref[:3, :3].T + cam_T_ref[:3, 3]).T
                 np.testing.assert_allclose(ours_cam, by_tok[tok].corners(), atol=2e-3)
     assert flips > 0, "expected some horizontally flipped cameras"
-
-
-def _ours_in_devkit_order_train(nusc, out):
-    """Box tokens in the dataset's order for a sample whose reference camera is slot 0."""
-    ref_cam = CAMERA_NAMES[int(out["cam_ids"][0])]
-    boxes, _ = _devkit_boxes(nusc, out["sample_token"], ref_cam)
-    dist = [np.linalg.norm(b.center[[0, 2]]) for b in boxes]
-    return [boxes[i].token for i in np.argsort(dist, kind="stable")]
 
 
 @pytest.mark.parametrize("raster", ["simplebev", "exact"])
@@ -333,8 +342,9 @@ def test_ref_T_ego_is_the_lidar_keyframe_ego_pose_in_the_reference_frame(synthet
     from nuscenes.utils.geometry_utils import transform_matrix
     from pyquaternion import Quaternion
 
-    # The synthetic keyframes share one timestamp and ego pose across sensors; move the LIDAR_TOP
-    # keyframes' ego poses (1.5 m, 3 degrees of yaw) in a copy so that the two poses differ.
+    # The synthetic cameras capture 0-43 ms before the LIDAR_TOP keyframe, a few decimetres away (none
+    # when the car stands still); move the LIDAR_TOP keyframes' ego poses further (1.5 m, 3 degrees of
+    # yaw) in a copy so that the two poses differ in every sample.
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root)
     tables = root / "v1.0-mini"
@@ -369,4 +379,63 @@ def test_ref_T_ego_is_the_lidar_keyframe_ego_pose_in_the_reference_frame(synthet
         np.testing.assert_allclose(out["ref_T_ego"].double().numpy(), expected, atol=1e-4, rtol=0)
         # the ego at the camera's timestamp is elsewhere (so the check above can fail)
         at_camera = ref_T_global @ pose("ego_pose", front["ego_pose_token"])
-        assert np.abs(at_camera - expected)[:3, 3].max() > 1.0
+        assert np.abs(at_camera - expected)[:3, 3].max() > 0.5
+
+
+def _table_pose(nusc, table: str, token: str) -> np.ndarray:
+    """4x4 of an ego_pose or calibrated_sensor row, as the devkit reads it."""
+    from nuscenes.utils.geometry_utils import transform_matrix
+    from pyquaternion import Quaternion
+
+    rec = nusc.get(table, token)
+    return transform_matrix(rec["translation"], Quaternion(rec["rotation"]))
+
+
+def _capture_poses(nusc, sample_token: str, cam_ids):
+    """From the devkit's tables, per camera slot: ego_T_cam (calibration) and global_T_ego at that
+    camera's own capture; and global_T_ego at the LIDAR_TOP keyframe."""
+    sample = nusc.get("sample", sample_token)
+    sds = [nusc.get("sample_data", sample["data"][CAMERA_NAMES[c]]) for c in cam_ids]
+    ego_T_cams = [_table_pose(nusc, "calibrated_sensor", sd["calibrated_sensor_token"]) for sd in sds]
+    global_T_egos = [_table_pose(nusc, "ego_pose", sd["ego_pose_token"]) for sd in sds]
+    lidar = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
+    return ego_T_cams, global_T_egos, _table_pose(nusc, "ego_pose", lidar["ego_pose_token"])
+
+
+def test_compat_cams_T_ref_is_simplebevs_static_rig(synthetic_root, cache, nusc):
+    """compat=simplebev: cams_T_ref = inv(ego_T_camX) @ ego_T_cam0 then the BEV mirror, from the
+    calibration alone (Simple-BEV's get_camM_T_camXs), although every synthetic camera captures at
+    its own time and ego pose; in validation, and in training with flips and shuffled cameras."""
+    mirrored = 0
+    for split, is_train, samples in (("val", False, None), ("train", True, range(6))):
+        ds = _ds(synthetic_root, cache, split=split, is_train=is_train, compat="simplebev", seed=5)
+        for i in samples or range(len(ds)):
+            out = ds[i]
+            draw = ds.draw_augmentation(i, ds.epoch)
+            mirror = np.diag([-1.0 if draw.flip_x else 1.0, 1.0, -1.0 if draw.flip_z else 1.0, 1.0])
+            mirrored += draw.flip_x or draw.flip_z
+            ego_T_cams, _, _ = _capture_poses(nusc, out["sample_token"], out["cam_ids"].tolist())
+            want = np.stack([np.linalg.inv(e) @ ego_T_cams[0] @ mirror for e in ego_T_cams])
+            np.testing.assert_allclose(out["cams_T_ref"].double().numpy(), want, atol=2e-6, rtol=0)
+    assert mirrored > 0, "expected some mirrored training samples"
+
+
+@pytest.mark.parametrize("raster", ["simplebev", "exact"])
+def test_cams_T_ref_places_each_camera_at_its_own_capture_pose(synthetic_root, cache, nusc, raster):
+    """compat=none: each camera at its own capture's ego pose; the reference frame is the reference
+    camera on the LIDAR_TOP keyframe's ego pose (simplebev raster) or at its own capture (exact), all
+    from the devkit's tables. On the synthetic set, whose cameras fire 0-43 ms before the lidar, this
+    differs from compat's static rig by the ego motion between the captures."""
+    ds = _ds(synthetic_root, cache, target_raster=raster)
+    static = _ds(synthetic_root, cache, target_raster=raster, compat="simplebev")
+    largest = 0.0
+    for i in range(len(ds)):
+        out = ds[i]
+        ego_T_cams, global_T_egos, global_T_lidar_ego = _capture_poses(
+            nusc, out["sample_token"], out["cam_ids"].tolist())
+        global_T_cams = [g @ e for g, e in zip(global_T_egos, ego_T_cams)]
+        global_T_ref = (global_T_lidar_ego @ ego_T_cams[0]) if raster == "simplebev" else global_T_cams[0]
+        want = np.stack([np.linalg.inv(g) @ global_T_ref for g in global_T_cams])
+        np.testing.assert_allclose(out["cams_T_ref"].double().numpy(), want, atol=1e-5, rtol=0)
+        largest = max(largest, float((out["cams_T_ref"] - static[i]["cams_T_ref"]).abs().max()))
+    assert largest > 0.1, "the two placements should differ by the ego motion between captures (m)"

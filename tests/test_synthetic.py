@@ -29,6 +29,7 @@ from bevtrain.synthetic import (  # noqa: E402
 )
 from bevtrain.synthetic import render as synthetic_render  # noqa: E402
 from bevtrain.synthetic import sensors as synthetic_sensors  # noqa: E402
+from bevtrain.synthetic.catalog import RADAR_PERIOD_US  # noqa: E402
 from bevtrain.synthetic.sensors import RADAR_DTYPE  # noqa: E402
 
 TINY = dict(keyframes=2, scenes=1, width=320, height=180, workers=1, progress=False)
@@ -54,18 +55,27 @@ def _sensor_to_global(nusc, sd_token) -> np.ndarray:
     return global_T_ego @ ego_T_sensor
 
 
-def _inside_any_box(points_global: np.ndarray, anns, margin: float) -> np.ndarray:
-    """(N,) bool: point inside some annotation box grown by `margin` m; points (N, 3)."""
+def _inside_any_box(points_global: np.ndarray, anns, margin: float, shifts=None) -> np.ndarray:
+    """(N,) bool: point inside some annotation box grown by `margin` m (and moved by its `shifts` row,
+    global m); points (N, 3)."""
     inside = np.zeros(len(points_global), bool)
-    for ann in anns:
+    for i, ann in enumerate(anns):
         w, l, h = ann["size"]
-        local = (points_global - np.asarray(ann["translation"])) @ Quaternion(ann["rotation"]).rotation_matrix
+        centre = np.asarray(ann["translation"]) + (0.0 if shifts is None else shifts[i])
+        local = (points_global - centre) @ Quaternion(ann["rotation"]).rotation_matrix
         inside |= (
             (np.abs(local[:, 0]) <= l / 2 + margin)
             & (np.abs(local[:, 1]) <= w / 2 + margin)
             & (np.abs(local[:, 2]) <= h / 2 + margin)
         )
     return inside
+
+
+def _boxes_moved(nusc, anns, dt_s: float) -> np.ndarray:
+    """(len(anns), 3) shifts that move each box by its devkit velocity over `dt_s` seconds: where it is
+    when a sensor that fires `dt_s` after the sample (the annotations' time) captures it."""
+    v = np.array([nusc.box_velocity(a["token"]) for a in anns]).reshape(-1, 3)
+    return np.nan_to_num(v) * dt_s  # nan: a single annotation, no velocity known
 
 
 def _spread_samples(nusc, n):
@@ -131,10 +141,14 @@ def test_keyframes_carry_every_sensor_and_sweeps_chain(nusc):
             seen.append(sd)
         assert len(seen) == nsweeps and not seen[1]["is_key_frame"]
         for rec in seen:
-            # Sweeps point to the next keyframe, as in nuScenes.
+            # Sweeps point to the next keyframe, as in nuScenes; a keyframe radar scan may come up to
+            # half a radar period after its sample's time.
             owner = nusc.get("sample", rec["sample_token"])
-            assert owner["timestamp"] >= rec["timestamp"]
-            assert not rec["is_key_frame"] or owner["timestamp"] == rec["timestamp"]
+            if rec["is_key_frame"]:
+                assert abs(owner["timestamp"] - rec["timestamp"]) <= RADAR_PERIOD_US // 2
+                assert channel != "LIDAR_TOP" or owner["timestamp"] == rec["timestamp"]
+            else:
+                assert owner["timestamp"] > rec["timestamp"]
         assert all(a["timestamp"] > b["timestamp"] for a, b in zip(seen[:-1], seen[1:]))
     RadarPointCloud.disable_filters()  # every scan has returns then (clutter included)
     pc, times = RadarPointCloud.from_file_multisweep(
@@ -145,6 +159,74 @@ def test_keyframes_carry_every_sensor_and_sweeps_chain(nusc):
         nusc, nusc.sample[3], "LIDAR_TOP", "LIDAR_TOP", nsweeps=3
     )
     assert len(np.unique(times)) == 3
+
+
+def test_sensors_fire_in_sequence_each_at_its_own_ego_pose(nusc):
+    """As in nuScenes: the sample's time is its LIDAR_TOP scan's; the cameras fire one after another
+    as the lidar sweeps past them (CAM_FRONT_LEFT first, CAM_BACK_LEFT last) within the 50 ms before
+    it; the radars run free around it; every capture has the ego pose of its own time."""
+    order = ["CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT"]
+    radar_offsets, moved = set(), []
+    for sample in nusc.sample:
+        records = {ch: nusc.get("sample_data", tok) for ch, tok in sample["data"].items()}
+        lidar_pose = nusc.get("ego_pose", records["LIDAR_TOP"]["ego_pose_token"])
+        assert records["LIDAR_TOP"]["timestamp"] == sample["timestamp"] == lidar_pose["timestamp"]
+        cam_times = [records[ch]["timestamp"] - sample["timestamp"] for ch in order]
+        assert -50_000 <= cam_times[0] and cam_times == sorted(set(cam_times)) and cam_times[-1] < 0
+        for ch, rec in records.items():
+            pose = nusc.get("ego_pose", rec["ego_pose_token"])
+            assert pose["timestamp"] == rec["timestamp"], ch
+            dt = (rec["timestamp"] - sample["timestamp"]) * 1e-6
+            step = np.linalg.norm(np.subtract(pose["translation"], lidar_pose["translation"]))
+            assert step <= 20.0 * abs(dt) + 1e-6, (ch, step, dt)  # the ego drives under 20 m/s
+            if ch.startswith("RADAR"):
+                assert abs(dt) <= RADAR_PERIOD_US / 2 * 1e-6
+                radar_offsets.add(rec["timestamp"] - sample["timestamp"])
+            elif ch != "LIDAR_TOP":
+                moved.append(step)
+    assert len(radar_offsets) > len(nusc.sample)  # drawn per radar and keyframe
+    assert np.median(moved) > 0.05  # the cameras' poses are not the lidar's
+
+
+def test_each_camera_is_rendered_from_where_the_car_is_when_it_fires(nusc, synthetic_root):
+    """Re-render camera images with the ego pose, calibration and timestamp the devkit reads for them
+    (actors placed at that time): the JPEGs match. The LIDAR_TOP keyframe's pose and time, 0-43 ms
+    later, give a visibly different picture, so the check can tell them apart."""
+    from bevtrain.synthetic.render import Camera, place_objects
+    from bevtrain.synthetic.world import ActorState, Scene
+
+    params = json.loads((Path(synthetic_root) / MARKER).read_text())["params"]
+    # the scene whose ego moves most between its first front camera and lidar captures
+    first = [nusc.get("sample", s["first_sample_token"]) for s in nusc.scene]
+
+    def step(sample, channel):
+        poses = [nusc.get("ego_pose", nusc.get("sample_data", sample["data"][ch])["ego_pose_token"])
+                 for ch in (channel, "LIDAR_TOP")]
+        return np.linalg.norm(np.subtract(poses[0]["translation"], poses[1]["translation"]))
+
+    scene_rec, sample = max(zip(nusc.scene, first), key=lambda pair: step(pair[1], "CAM_FRONT_LEFT"))
+    assert step(sample, "CAM_FRONT_LEFT") > 0.2
+    world = Scene(scene_rec["name"], params["seed"], params["keyframes"])
+    sample = nusc.get("sample", sample["next"])  # a keyframe inside the scene
+
+    def render_at(sd, pose_sd):
+        """The image the renderer makes for camera `sd` from `pose_sd`'s ego pose and time."""
+        cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
+        pose = nusc.get("ego_pose", pose_sd["ego_pose_token"])
+        cam = Camera(Quaternion(cs["rotation"]).rotation_matrix, np.array(cs["translation"]),
+                     np.array(cs["camera_intrinsic"]), sd["width"], sd["height"])
+        ego = ActorState(pose["translation"][0], pose["translation"][1],
+                         Quaternion(pose["rotation"]).yaw_pitch_roll[0], 0.0, 0.0)
+        t = (pose_sd["timestamp"] - first[nusc.scene.index(scene_rec)]["timestamp"]) * 1e-6
+        return cam.render(world, ego, place_objects(world, t, ego))[0].astype(np.float32)
+
+    lidar = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
+    for channel in ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_BACK_RIGHT"):
+        sd = nusc.get("sample_data", sample["data"][channel])
+        jpeg = cv2.imread(str(Path(synthetic_root) / sd["filename"]))[..., ::-1].astype(np.float32)
+        own = np.abs(jpeg - render_at(sd, sd)).mean()
+        at_lidar = np.abs(jpeg - render_at(sd, lidar)).mean()
+        assert own < 2.0 and at_lidar > 3 * own, (channel, own, at_lidar)
 
 
 def test_annotation_tables_are_consistent(nusc):
@@ -312,12 +394,16 @@ def test_radar_round_trips_and_lies_on_moving_objects(nusc):
             kept = RadarPointCloud.from_file(path).points
             global_T_radar = _sensor_to_global(nusc, sd_token)
             pts = (global_T_radar @ np.vstack([kept[:3], np.ones(kept.shape[1])]))[:3].T
-            assert _inside_any_box(pts, anns, margin=0.3).all(), channel
+            # the scan has its own time: the boxes are where their motion took them by then
+            dt_s = (nusc.get("sample_data", sd_token)["timestamp"] - sample["timestamp"]) * 1e-6
+            shifts = _boxes_moved(nusc, anns, dt_s)
+            assert _inside_any_box(pts, anns, 0.3, shifts).all(), channel
             raw_pts = (global_T_radar @ np.vstack([raw[:3], np.ones(raw.shape[1])]))[:3].T
-            clutter_seen += int((~_inside_any_box(raw_pts, anns, margin=0.3)).sum())
+            clutter_seen += int((~_inside_any_box(raw_pts, anns, 0.3, shifts)).sum())
             # Compensated Doppler = the annotated box velocity along the line of sight.
+            on_box = [_inside_any_box(pts, [a], 0.3, shifts[i : i + 1]) for i, a in enumerate(anns)]
             for j in range(kept.shape[1]):
-                owner = [a for a in anns if _inside_any_box(pts[j : j + 1], [a], 0.3)[0]]
+                owner = [a for a, on in zip(anns, on_box) if on[j]]
                 if len(owner) != 1 or not (owner[0]["prev"] and owner[0]["next"]):
                     continue  # the devkit's velocity is one-sided (inexact on curves) at track ends
                 v_box = nusc.box_velocity(owner[0]["token"])[:2]

@@ -47,6 +47,16 @@ ANNOTATION_RADIUS = 70.0  # m, box centres within this xy distance of the ego ar
 LIDAR_RANGE = 60.0  # m; below ANNOTATION_RADIUS so every lidar/radar return lies on an annotated box
 RADAR_RANGE = 60.0
 RENDER_RADIUS = 120.0  # m, objects farther away are not drawn (a car there is ~17 px long)
+# Capture times around a keyframe, as in nuScenes. The sample's timestamp is its LIDAR_TOP scan's: a
+# revolution at 20 Hz, clockwise seen from above, that ends with the beam at LIDAR_END_AZIMUTH_DEG
+# (ego frame, left positive). Each camera fires when the beam crosses its optical axis, so the six
+# fire in sequence within the 50 ms before the keyframe (nuScenes' first v1.0-mini sample:
+# CAM_FRONT_LEFT -43 ms, CAM_FRONT -35, CAM_FRONT_RIGHT -28, CAM_BACK_RIGHT -20, CAM_BACK -10,
+# CAM_BACK_LEFT -0.5). The radars run free at about 13 Hz: a keyframe's radar scan is the one nearest
+# the lidar's, up to half a radar period before or after it.
+LIDAR_PERIOD_US = 50_000
+LIDAR_END_AZIMUTH_DEG = 106.0
+RADAR_PERIOD_US = 77_000
 
 CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
 RADARS = ("RADAR_FRONT", "RADAR_FRONT_LEFT", "RADAR_FRONT_RIGHT", "RADAR_BACK_LEFT", "RADAR_BACK_RIGHT")
@@ -211,6 +221,15 @@ def quaternion_wxyz(r: np.ndarray) -> List[float]:
     if q[0] < 0:
         q = -q
     return [float(v) for v in q]
+
+
+def camera_capture_offset_us(ego_R_cam: np.ndarray) -> int:
+    """When a camera with this rotation fires, in us relative to the LIDAR_TOP keyframe (<= 0): when the
+    lidar beam, in its revolution that ends at the keyframe, crosses the camera's optical axis."""
+    axis = np.asarray(ego_R_cam)[:, 2]  # the camera's z (forward) in the ego frame
+    azimuth = math.degrees(math.atan2(axis[1], axis[0]))
+    swept_after = (azimuth - LIDAR_END_AZIMUTH_DEG) % 360.0  # degrees the beam still turns (clockwise)
+    return -int(round(swept_after / 360.0 * LIDAR_PERIOD_US))
 
 
 def scene_rigs(width: int, height: int) -> Dict[str, dict]:

@@ -21,6 +21,7 @@ SKY_ZENITH = np.array([105.0, 148.0, 212.0])
 HAZE = np.array([200, 208, 220], np.int32)
 FOG_DISTANCE = 600.0  # m
 NEAR = 0.05  # m, camera near plane
+SHADE_YAW_TOL = 1e-6  # rad; a shade moves by < 1e-3 of a colour level within it
 FACE_NORMALS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], np.float64)
 
 
@@ -56,6 +57,29 @@ def _actor_geometry(scene: Scene, actor: Actor):
     return cache[actor.aid]
 
 
+def _shaded_looks(scene: Scene, actor: Actor, yaw: float, global_R_obj: np.ndarray, base: np.ndarray):
+    """Face colours and decals of an actor shaded for its heading. Each sensor time places every actor
+    anew, so the last shading is kept per actor and reused while the heading stays within
+    SHADE_YAW_TOL of it (parked and straight-driving actors: their heading only wobbles by rounding)."""
+    cache = scene.__dict__.setdefault("_looks_cache", {})
+    kept = cache.get(actor.aid)
+    if kept is not None and abs(kept[0] - yaw) < SHADE_YAW_TOL:
+        return kept[1], kept[2]
+    normals_world = FACE_NORMALS @ global_R_obj.T  # (6, 3)
+    shades = AMBIENT + DIFFUSE * np.clip(normals_world @ SUN_DIRECTION, 0.0, None)  # (6,)
+    face_rgb = np.clip(np.round(base * shades[None, :, None]), 0, 255).astype(np.uint8)
+    decals = []
+    for p in actor.parts:
+        shaded = []
+        for face, a0, a1, b0, b1, rgb in p.decals:
+            ax, bx = [k for k in range(3) if k != face // 2]
+            colour = np.clip(np.round(np.asarray(rgb, np.float64) * shades[face]), 0, 255).astype(np.uint8)
+            shaded.append((face, ax, bx, a0, a1, b0, b1, colour))
+        decals.append(shaded)
+    cache[actor.aid] = (yaw, face_rgb, decals)
+    return face_rgb, decals
+
+
 def place_objects(scene: Scene, t: float, ego, radius: float = RENDER_RADIUS) -> List[PlacedObject]:
     ego_R_global = yaw_matrix(ego.yaw).T
     placed = []
@@ -68,19 +92,7 @@ def place_objects(scene: Scene, t: float, ego, radius: float = RENDER_RADIUS) ->
         global_R_obj = yaw_matrix(st.yaw)
         ego_R_obj = ego_R_global @ global_R_obj
         ego_t = ego_R_global @ np.array([st.x - ego.x, st.y - ego.y, 0.0])
-        normals_world = FACE_NORMALS @ global_R_obj.T  # (6, 3)
-        shades = AMBIENT + DIFFUSE * np.clip(normals_world @ SUN_DIRECTION, 0.0, None)  # (6,)
-        face_rgb = np.clip(np.round(base * shades[None, :, None]), 0, 255).astype(np.uint8)
-        decals = []
-        for p in actor.parts:
-            shaded = []
-            for face, a0, a1, b0, b1, rgb in p.decals:
-                ax, bx = [k for k in range(3) if k != face // 2]
-                colour = np.clip(np.round(np.asarray(rgb, np.float64) * shades[face]), 0, 255).astype(
-                    np.uint8
-                )
-                shaded.append((face, ax, bx, a0, a1, b0, b1, colour))
-            decals.append(shaded)
+        face_rgb, decals = _shaded_looks(scene, actor, st.yaw, global_R_obj, base)
         placed.append(
             PlacedObject(
                 actor, st, ego_R_obj, ego_t, lo, hi, face_rgb, decals, lo_all, hi_all, centre, sphere

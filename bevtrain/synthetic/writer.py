@@ -21,9 +21,13 @@ from .catalog import (
     LIDAR_RANGE,
     LIDAR_SWEEPS_PER_INTERVAL,
     MINI_SCENES,
+    RADAR_PERIOD_US,
+    RADAR_RANGE,
     RADAR_SWEEPS_PER_INTERVAL,
     RADARS,
+    RENDER_RADIUS,
     SCENE_LOCATIONS,
+    camera_capture_offset_us,
     quaternion_wxyz,
     scene_rigs,
     stable_hash,
@@ -96,6 +100,10 @@ class SceneWriter:
         self.tracks: Dict[int, list] = {}  # actor id -> its annotations in time order
         self.vis_hist = np.zeros(4, np.int64)
         self.rng_sensor = np.random.default_rng(int(self._token("sensors")[:12], 16))
+        # Capture times relative to each keyframe (us): the cameras' are fixed by the rig, the radars'
+        # drawn per keyframe (catalog: LIDAR_PERIOD_US, RADAR_PERIOD_US).
+        self.camera_offsets_us = {ch: camera_capture_offset_us(self.rigs[ch]["R"]) for ch in CAMERAS}
+        self.rng_time = np.random.default_rng(int(self._token("radar_time")[:12], 16))
 
     def _token(self, kind: str, *parts) -> str:
         return stable_hash(kind, self.seed, self.name, *parts)
@@ -103,8 +111,10 @@ class SceneWriter:
     def write(self, on_keyframe: Callable[[], None] | None = None) -> dict:
         self._write_log_map_and_calibration()
         for k in range(self.keyframes):
-            self._write_sweeps(k)
-            self._write_keyframe(k)
+            half = RADAR_PERIOD_US // 2
+            radar_offsets_us = {ch: int(self.rng_time.integers(-half, half + 1)) for ch in RADARS}
+            self._write_sweeps(k, radar_offsets_us)
+            self._write_keyframe(k, radar_offsets_us)
             if on_keyframe is not None:
                 on_keyframe()
         self._link_chains()
@@ -178,8 +188,15 @@ class SceneWriter:
         self._add_sample_data(ch, ts_us, k, is_key, ego, fn, "pcd")
         return pts
 
-    def _write_sweeps(self, k: int) -> None:
-        """Sweeps between the previous keyframe and this one belong to this (the next) sample."""
+    def _at(self, ts_us: int, radius: float = RENDER_RADIUS):
+        """The ego state and the objects placed around it at capture time ``ts_us``."""
+        t = (ts_us - self.t0_us) * 1e-6
+        ego = self.scene.ego_state(t)
+        return ego, render.place_objects(self.scene, t, ego, radius=radius)
+
+    def _write_sweeps(self, k: int, radar_offsets_us: Dict[str, int]) -> None:
+        """Sweeps between the previous keyframe and this one belong to this (the next) sample; each radar
+        keeps this keyframe's offset, so its scans stay one sweep interval apart."""
         t_k = k * KEYFRAME_PERIOD_US * 1e-6
         ts_k = self.t0_us + k * KEYFRAME_PERIOD_US
         sweeps = [
@@ -198,23 +215,29 @@ class SceneWriter:
                 self._write_lidar(ego, objects, ts, k, False)
             else:
                 for ch in RADARS:
-                    self._write_radar(ch, ego, objects, ts + RADARS.index(ch), k, False)
+                    ts_radar = ts + radar_offsets_us[ch]
+                    ego_radar, objects_radar = self._at(ts_radar, RADAR_RANGE + 30.0)
+                    self._write_radar(ch, ego_radar, objects_radar, ts_radar, k, False)
 
-    def _write_keyframe(self, k: int) -> None:
-        t_k = k * KEYFRAME_PERIOD_US * 1e-6
+    def _write_keyframe(self, k: int, radar_offsets_us: Dict[str, int]) -> None:
+        """The sample at the LIDAR_TOP scan's time; cameras and radars each at their own capture time,
+        ego pose and object positions (annotations are at the sample's time, as in nuScenes)."""
         ts_k = self.t0_us + k * KEYFRAME_PERIOD_US
-        ego = self.scene.ego_state(t_k)
-        objects = render.place_objects(self.scene, t_k, ego)
-        unoccluded, visible = self._write_cameras(ego, objects, ts_k, k)
+        ego, objects = self._at(ts_k)
+        unoccluded, visible = self._write_cameras(ts_k, k)
         lidar_pts = self._write_lidar(ego, objects, ts_k, k, True)
         lidar_ego = lidar_pts[:, :3].astype(np.float64) @ self.rigs[LIDAR]["R"].T + self.rigs[LIDAR]["t"]
-        radar_ego = []
-        for ch in RADARS:
-            rp = self._write_radar(ch, ego, objects, ts_k, k, True)
-            xyz = np.stack([rp["x"], rp["y"], rp["z"]], 1).astype(np.float64)
-            radar_ego.append(xyz @ self.rigs[ch]["R"].T + self.rigs[ch]["t"])
         n_lidar = sensors.points_in_box_counts(lidar_ego, objects, 0.05)
-        n_radar = sensors.points_in_box_counts(np.concatenate(radar_ego), objects, 0.3)
+        n_radar = np.zeros(len(self.scene.actors), np.int64)  # by actor id
+        for ch in RADARS:
+            ts_radar = ts_k + radar_offsets_us[ch]
+            ego_radar, objects_radar = self._at(ts_radar, RADAR_RANGE + 30.0)
+            rp = self._write_radar(ch, ego_radar, objects_radar, ts_radar, k, True)
+            xyz = np.stack([rp["x"], rp["y"], rp["z"]], 1).astype(np.float64)
+            radar_ego = xyz @ self.rigs[ch]["R"].T + self.rigs[ch]["t"]
+            # each scan against the boxes where they were when it was taken
+            counts = sensors.points_in_box_counts(radar_ego, objects_radar, 0.3)
+            np.add.at(n_radar, np.array([ob.actor.aid for ob in objects_radar], np.int64), counts)
         self.tables["sample"].append(
             dict(
                 token=self.sample_tokens[k],
@@ -227,25 +250,30 @@ class SceneWriter:
         for i, ob in enumerate(objects):
             if math.hypot(ob.state.x - ego.x, ob.state.y - ego.y) > ANNOTATION_RADIUS:
                 continue
-            vtok = visibility_token(visible[i] / unoccluded[i]) if unoccluded[i] > 0 else "1"
+            aid = ob.actor.aid
+            vtok = visibility_token(visible[aid] / unoccluded[aid]) if unoccluded[aid] > 0 else "1"
             self.vis_hist[int(vtok) - 1] += 1
-            ann = self._annotation(ob, k, vtok, int(n_lidar[i]), int(n_radar[i]))
+            ann = self._annotation(ob, k, vtok, int(n_lidar[i]), int(n_radar[aid]))
             self.tracks.setdefault(ob.actor.aid, []).append(ann)
 
-    def _write_cameras(self, ego, objects, ts_k, k):
-        """Render and write the six images; per object its unoccluded and visible pixel counts."""
-        unoccluded = np.zeros(len(objects), np.int64)
-        visible = np.zeros(len(objects), np.int64)
+    def _write_cameras(self, ts_k, k):
+        """Render and write the six images, each from where the car and the objects are when that camera
+        fires; per actor id its unoccluded and visible pixel counts over the six."""
+        unoccluded = np.zeros(len(self.scene.actors), np.int64)
+        visible = np.zeros(len(self.scene.actors), np.int64)
         for ch in CAMERAS:
+            ts = ts_k + self.camera_offsets_us[ch]
+            ego, objects = self._at(ts)
             img, u, v = self.cameras[ch].render(self.scene, ego, objects)
-            unoccluded += u
-            visible += v
-            fn = f"samples/{ch}/{self.logfile}__{ch}__{ts_k}.jpg"
+            aids = np.array([ob.actor.aid for ob in objects], np.int64)
+            np.add.at(unoccluded, aids, u)
+            np.add.at(visible, aids, v)
+            fn = f"samples/{ch}/{self.logfile}__{ch}__{ts}.jpg"
             ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
             if not ok:
                 raise RuntimeError(f"JPEG encoding failed for {fn}")
             (self.out / fn).write_bytes(buf.tobytes())
-            self._add_sample_data(ch, ts_k, k, True, ego, fn, "jpg", self.width, self.height)
+            self._add_sample_data(ch, ts, k, True, ego, fn, "jpg", self.width, self.height)
         return unoccluded, visible
 
     def _annotation(self, ob, k: int, visibility: str, n_lidar: int, n_radar: int) -> dict:
