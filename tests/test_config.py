@@ -137,6 +137,30 @@ def test_cli_errors_are_clear(tmp_path):
     assert r.returncode == 0 and "--batch_size=8" in r.stdout and "--grad_acc=5" in r.stdout
 
 
+def test_a_missing_data_dir_stops_the_cli_at_once(tmp_path, synthetic_root, capsys):
+    """In process, through train_nuscenes.py's own entry (cli): a --data_dir that does not exist and is
+    not the default is a ConfigError naming it, printed without a traceback (exit 2), before any run
+    folder. The synthetic fallback points at the ready test set, so were the error dropped, the run
+    would train on it at once and this test would fail in seconds rather than hang."""
+    from conftest import TEST_SET
+
+    from bevtrain.train import cli
+
+    missing = tmp_path / "no" / "nuscenes"
+    flags = dict(
+        data_dir=str(missing), dset="mini", synthetic_dir=str(synthetic_root),
+        synthetic_keyframes=TEST_SET["keyframes"], encoder_type="res18", encoder_weights="none",
+        res_scale=0.25, Z=16, Y=4, X=16, latent_dim=16, batch_size=1, grad_acc=1, max_iters=1,
+        do_val=False, viz_freq=0, nworkers=0, log_dir=str(tmp_path / "logs"), ckpt_dir=str(tmp_path / "ckpt"),
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        cli(**flags)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"flag 'data_dir': {missing} does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "ckpt").exists()
+
+
 def test_sections_partition_the_flags_and_carry_their_values():
     from dataclasses import fields
 

@@ -335,6 +335,47 @@ def test_two_ranks_give_the_single_process_numbers(trained_run, tmp_path):
     assert metrics["world_size"] == 2 and metrics["samples"] == single["samples"]
 
 
+def _tally_rank(rank, world_size, port, loaders, queue):
+    """One rank of run_split with the metric off (compute_metric=False, as --viz_only runs it), on
+    tiny batches that carry only what the tally reads; one result per loader of dataset positions."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        for positions in loaders:
+            batches = [{"index": torch.tensor([i]), "seg_bev": torch.zeros(1, 1, 2, 2)}
+                       for i in positions[rank]]  # fmt: skip
+            try:
+                run_split(batches, lambda b: b["seg_bev"], 4, None, torch.device("cpu"), compute_metric=False,
+                          world_size=world_size)  # fmt: skip
+                queue.put((rank, tuple(map(tuple, positions)), "ok"))
+            except EvalError as e:
+                queue.put((rank, tuple(map(tuple, positions)), str(e)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_sample_counted_on_two_ranks_is_an_error_without_the_metric():
+    """The exactly-once tally across ranks stands alone when no metric runs (whose own sample count
+    would otherwise also notice): position 2 on both ranks must stop evaluation; a clean split passes."""
+    import torch.multiprocessing as mp
+
+    clean, twice = ((0, 1), (2, 3)), ((0, 1, 2), (2, 3))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_tally_rank, args=(r, 2, port, [clean, twice], queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in range(4)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    outcome = {(rank, loaders): message for rank, loaders, message in results}
+    for rank in (0, 1):
+        assert outcome[(rank, clean)] == "ok"
+        assert "1 more than one (across ranks)" in outcome[(rank, twice)], outcome[(rank, twice)]
+
+
 def test_target_raster_is_recorded_and_old_checkpoints_keep_exact(trained_run, tmp_path, capsys):
     run_dir, _ = trained_run
     kw = dict(viz_every=0, tensorboard=False, nworkers=0)
