@@ -149,8 +149,8 @@ FLAGS: Tuple[Flag, ...] = (
     _f("synthetic_dir", "data/synthetic", "synthetic dataroot used when data_dir is the absent default"),
     _f("compat", "none", "forward pass and validation inputs: 'none' (bevtrain's exact pixel conventions) "
        "or 'simplebev' (Simple-BEV's: intrinsics scaled as cx*sx, its lift sampling, zero padding and "
-       "|feat|>0 camera mean, PIL NEAREST val resize), for Simple-BEV's checkpoints; set automatically "
-       "when --init_dir is a Simple-BEV checkpoint", choices=("none", "simplebev")),
+       "|feat|>0 camera mean, PIL NEAREST val resize, static camera rig), for Simple-BEV's checkpoints; "
+       "set automatically when --init_dir is a Simple-BEV checkpoint", choices=("none", "simplebev")),
     _f("synthetic_keyframes", 40, "keyframes per synthetic scene when generating it"),
     _f("bad_samples", "stop", "a sample with a corrupt/truncated/missing file or non-finite calibration or "
        "pose: 'stop' with an error naming it, or 'skip' it (the next good sample takes its place; listed in "

@@ -6,7 +6,7 @@ pose of that camera depends on ``target_raster`` (targets.TARGET_RASTERS):
 - ``simplebev``: the camera mounted on the ego at the LIDAR_TOP keyframe's ego pose (its extrinsics
   applied to that pose), the frame Simple-BEV's targets live in, so the targets are Simple-BEV's
   own maps; ``cams_T_ref[0]`` then differs from the identity by the ego motion between the lidar
-  keyframe and the reference image (centimetres);
+  keyframe and the reference image (centimetres to decimetres);
 - ``exact``: the reference camera at its own timestamp (``cams_T_ref[0]`` is the identity).
 
 Either way every transform is composed through the global frame with each sensor's own ego pose,
