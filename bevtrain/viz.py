@@ -447,7 +447,30 @@ def write_gif(
     for frame in frames:
         if scale != 1.0:
             frame = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        pil.append(Image.fromarray(frame).quantize(colors=255, method=Image.Quantize.MEDIANCUT))
+        pil.append(_gif_frame(Image, frame))
     pil[0].save(
         path, save_all=True, append_images=pil[1:], duration=int(round(1000 / fps)), loop=0, disposal=1
     )
+
+
+def gif_reserved_colors() -> List[Tuple[int, int, int]]:
+    """Colours that carry a meaning in the pictures (legend, ego, errors, boxes, text): a GIF keeps them
+    exact, so that a palette fitted to the camera images cannot turn the ego's cyan into the green of
+    a true positive."""
+    colors = [BACKGROUND, GT_COLOR, EGO_COLOR, RING_COLOR, TEXT_COLOR, UNKNOWN_VIS_COLOR, (0, 0, 0),
+              (170, 170, 170), *VISIBILITY_COLORS.values(), *ERROR_COLORS.values()]
+    return list(dict.fromkeys(tuple(int(v) for v in c) for c in colors))
+
+
+def _gif_frame(Image, frame: np.ndarray):
+    """One GIF frame: a median-cut palette fitted to the frame, after the reserved colours; pixels of a
+    reserved colour keep it exactly, the others take their median-cut colour."""
+    reserved = gif_reserved_colors()
+    fitted = Image.fromarray(frame).quantize(colors=256 - len(reserved), method=Image.Quantize.MEDIANCUT)
+    index = np.asarray(fitted, dtype=np.uint8) + len(reserved)
+    for k, color in enumerate(reserved):
+        index[(frame == np.asarray(color, np.uint8)).all(-1)] = k
+    palette = [v for c in reserved for v in c] + fitted.getpalette()[: 3 * (256 - len(reserved))]
+    out = Image.frombytes("P", (index.shape[1], index.shape[0]), np.ascontiguousarray(index).tobytes())
+    out.putpalette(palette + [0] * (768 - len(palette)))
+    return out

@@ -255,3 +255,29 @@ def test_boxes_on_a_real_synthetic_sample_land_where_the_devkit_projects_them(sy
             np.testing.assert_allclose(segments[k, :, 0], dev_px[viz.BOX_EDGES[:, 0]], atol=0.05)
             checked += 1
     assert checked >= 2
+
+
+def test_gif_keeps_the_pictures_colours_and_a_readable_legend(tmp_path):
+    """Issue 25 item 9: the GIF palette, fitted to the camera images, turned the ego's cyan into a
+    colour near another class's; at eval's default gif_scale the legend was unreadable."""
+    from PIL import Image
+
+    from bevtrain.config import EVAL_DEFAULTS
+
+    batch, vox = make_rig_batch([(5.0, 12.0, 0.5, 3), (-8.0, 20.0, 0.1, 1)], B=2)
+    noise = torch.randint(0, 256, batch["images"].shape, generator=torch.Generator().manual_seed(0))
+    batch["images"] = noise.to(torch.uint8)  # photo-like: thousands of colours compete for the palette
+    out = {"seg": torch.randn(batch["seg_bev"].shape, generator=torch.Generator().manual_seed(1)) * 3}
+    frames = [viz.render_composite(batch, out, i, vox, cell_width=CELL) for i in range(2)]
+    scale = EVAL_DEFAULTS["gif_scale"]
+    viz.write_gif(tmp_path / "scene.gif", frames, scale=scale)
+    with Image.open(tmp_path / "scene.gif") as gif:
+        got = np.asarray(gif.convert("RGB"))
+    png = frames[0]
+    assert got.shape == png.shape  # the default scale keeps the PNG's size: the legend's text stays legible
+    for color in viz.gif_reserved_colors():
+        mask = (png == np.array(color)).all(-1)
+        assert (got[mask] == np.array(color)).all(), color  # every meaningful colour exact
+    assert _has_color(png, viz.EGO_COLOR) > 0 and _has_color(png, viz.ERROR_COLORS["true positive"]) > 0
+    legend = slice(png.shape[0] - 48, png.shape[0])
+    assert np.abs(got[legend].astype(int) - png[legend]).mean() < 1.0
