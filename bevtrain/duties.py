@@ -169,7 +169,9 @@ class Validator:
         self.last = LastBatch()
 
     def due(self, step: int) -> bool:
-        return self.state.val_cursor is not None and step % self.cfg.val_freq == 0
+        """Every val_freq steps, and at the last step (a run, resumed or not, ends validated)."""
+        every = step % self.cfg.val_freq == 0 or step == self.cfg.max_iters
+        return self.state.val_cursor is not None and every
 
     def _batches(self, step: int):
         for i in range(self.cfg.val_batches):
@@ -246,12 +248,17 @@ class Checkpointer:
     def due(self, step: int, stopping: bool) -> bool:
         return step % self.cfg.save_freq == 0 or step == self.cfg.max_iters or bool(stopping)
 
-    def _write(self, rng_states, train_pos, val_pos, val_pending: bool) -> Path:
-        self.safe.test_signal("save", self.state.step)
-        body = self.state.state_dict(rng_states, train_pos, val_pos, val_pending)
-        path = self.manager.save({**body, **self.meta}, self.state.step)
-        self.last_saved, self.saved_path = self.state.step, path
-        return path
+    def _write(self, rng_states, train_pos, val_pos, val_pending: bool, buffers=None) -> Path:
+        with self.safe.lock:  # no second stop signal saves meanwhile (train.stop_at_once)
+            self.safe.test_signal("save", self.state.step)
+            body = self.state.state_dict(rng_states, train_pos, val_pos, val_pending)
+            if buffers is not None:  # the completed step's BatchNorm statistics, not the live ones
+                body["model"] = dict(body["model"])
+                names = [name for name, _ in self.state.model.named_buffers()]
+                body["model"].update({n: b for n, b in zip(names, buffers) if n in body["model"]})
+            path = self.manager.save({**body, **self.meta}, self.state.step)
+            self.last_saved, self.saved_path = self.state.step, path
+            return path
 
     def save(self) -> Path | None:
         """At a step end, of the live state. Collective (all ranks at the same step); rank 0 writes."""
@@ -262,12 +269,9 @@ class Checkpointer:
         return self._write(rng_states, *self.state.positions(), False)
 
     def save_point(self, point) -> Path:
-        """Rank 0 alone (other ranks may be gone): the state of the last safe point."""
-        if point.buffers is not None:  # undo the interrupted step's BatchNorm updates
-            with torch.no_grad():
-                for live, saved in zip(self.state.model.buffers(), point.buffers):
-                    live.copy_(saved)
-        return self._write([point.rng], point.train_pos, point.val_pos, point.val_pending)
+        """Rank 0 alone (other ranks may be gone): the state of the last safe point. The live model is
+        left alone (a second stop signal saves from another thread while a step runs)."""
+        return self._write([point.rng], point.train_pos, point.val_pos, point.val_pending, point.buffers)
 
     @property
     def unsaved(self) -> bool:

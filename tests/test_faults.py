@@ -209,3 +209,43 @@ def test_signals_at_random_moments(tmp_path, synthetic_root, reference):
         resume_and_compare(root, run, reference)
     print("stopped at (signal, step, val pending):", stopped_at)
     assert stopped_at, "every signal came after the run had finished: nothing was tested"
+
+
+def test_a_stop_is_acknowledged_at_once_and_a_second_signal_stops_now(tmp_path, synthetic_root, reference):
+    """Issue 25 item 4: a step that takes long (here a stall inside the forward of step 3, which Python
+    signal handlers wait out as they wait out a long torch operation). The first SIGTERM is answered at
+    once; the second stops within seconds, saving step 2 exactly as the uninterrupted run had it, and
+    the resumed run's curves are the uninterrupted run's."""
+    env_signal = "forward:3:0:STALL120"
+    proc = launch(tmp_path, flags(tmp_path, synthetic_root), signal_at=env_signal)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[test] stalling"):
+            break
+    else:
+        raise AssertionError("".join(lines[-20:]))
+
+    def read_until(fragment: str, seconds: float) -> float:
+        t0 = time.monotonic()
+        for line in proc.stdout:  # a stalled process prints nothing else: this returns on the line
+            lines.append(line)
+            if fragment in line:
+                return time.monotonic() - t0
+        raise AssertionError("".join(lines[-20:]))
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert read_until("SIGTERM received: stopping at the end of the current micro-batch or step", 30) < 10
+    ack = lines[-1]
+    assert "saving the last completed step (2)" in ack and "send it again to stop now" in ack
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)
+    rc, out = finish(proc, timeout=60)
+    assert time.monotonic() - t0 < 30  # not the 120 s the step would still take
+    assert rc == EXIT_RESUMABLE, "".join(lines) + out
+    assert "SIGTERM again: stopping now" in out and "checkpoint saved to" in out
+    run = the_run(tmp_path / "ckpt")
+    assert [p.name for p in list_checkpoints(run)] == ["model-000000002.pth"]
+    assert not list(run.glob(".*tmp*"))
+    assert_checkpoint_of_completed_step(load_checkpoint(run / "model-000000002.pth"), reference["ckpts"][2])
+    resume_and_compare(tmp_path, run, reference)

@@ -646,6 +646,15 @@ def _stop_all_workers() -> None:
         iterator._shutdown_workers()
 
 
+def kill_loader_workers() -> None:
+    """SIGKILL the workers of every live loader: a process about to ``os._exit`` (a second stop
+    signal) leaves none behind; nothing they hold needs saving."""
+    for iterator in list(_LIVE_ITERATORS):
+        for worker in getattr(iterator, "_workers", []):
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signal.SIGKILL)
+
+
 def stop_workers(loader) -> None:
     """Stop a loader's worker processes now (a persistent loader keeps them between epochs)."""
     iterator = getattr(loader, "_iterator", None)
@@ -656,6 +665,7 @@ def stop_workers(loader) -> None:
 
 
 def _worker_init(worker_id: int) -> None:
+    signal.set_wakeup_fd(-1)  # the parent's signal watcher (bevtrain.stopping) is not the worker's
     for sig in WORKER_IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # discards any already pending
     signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)
