@@ -4,9 +4,8 @@
     torchrun --nproc_per_node=4 eval_nuscenes.py --init_dir=checkpoints/<run>
 """
 
-import fire
-
+from bevtrain.cli import fire_main
 from bevtrain.evaluate import cli
 
 if __name__ == "__main__":
-    fire.Fire(cli)
+    fire_main(cli)

@@ -4,9 +4,8 @@
     python train_nuscenes.py --batch_size=1 --grad_acc=5 --lr=3e-4
 """
 
-import fire
-
+from bevtrain.cli import fire_main
 from bevtrain.train import cli
 
 if __name__ == "__main__":
-    fire.Fire(cli)
+    fire_main(cli)

@@ -1,6 +1,6 @@
 """The one place that builds things from a resolved config (training and evaluation share it).
 
-    cfg = resolve_data_dir(cfg)          # real data at data_dir, else the synthetic set
+    cfg = resolve_data_dir(cfg)          # real data at data_dir (or, with synthetic=True, the synthetic set)
     vox_util = build_vox_util(cfg)
     model = build_model(cfg)
     ds = build_dataset(cfg, split="train", is_train=True)
@@ -12,7 +12,7 @@ A run folder's ``config.yaml`` is such a resolved config: ``Config(yaml.safe_loa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Collection, Dict, Mapping
+from typing import Any, Collection, Dict, Mapping, Sequence
 
 import torch
 
@@ -32,25 +32,38 @@ def _has_nuscenes_tables(root: Path) -> bool:
     return root.is_dir() and any((root / v / "sample.json").is_file() for v in ("v1.0-trainval", "v1.0-mini"))
 
 
+def check_data_dir(cfg: Mapping[str, Any]) -> None:
+    """ConfigError naming ``data_dir`` when it is absent and the synthetic set does not stand in for it
+    (resolve_data_dir's rule): said before anything is downloaded or generated."""
+    data_dir = Path(cfg["data_dir"])
+    if data_dir.is_dir():
+        return
+    is_default = cfg["data_dir"].rstrip("/") == DEFAULTS["data_dir"].rstrip("/")
+    if not (is_default and cfg.get("synthetic")):
+        where = "" if data_dir.is_absolute() else f" (from {Path.cwd()})"
+        raise ConfigError(
+            f"flag 'data_dir': {cfg['data_dir']} does not exist{where}. Point --data_dir at a nuScenes "
+            f"dataroot (the folder holding v1.0-trainval/ or v1.0-mini/, samples/, sweeps/)"
+            + (", or train on the bundled synthetic set with --config=quickstart or --synthetic=True"
+               if is_default else "")
+        )
+
+
 def resolve_data_dir(cfg: Mapping[str, Any], announce: bool = True) -> Config:
     """Return cfg with ``data_dir`` / ``dset`` pointing at data that exists.
 
     - ``data_dir`` exists: used as is.
-    - ``data_dir`` is the default (``data/nuscenes``) and absent: the synthetic set at
-      ``synthetic_dir`` (generated on first use) with dset 'mini', said once.
-    - any other absent ``data_dir``: ConfigError.
+    - ``synthetic`` is set (the quickstart preset), ``data_dir`` is the default (``data/nuscenes``)
+      and absent: the synthetic set at ``synthetic_dir`` (generated on first use) with dset 'mini',
+      said once.
+    - any other absent ``data_dir``: ConfigError naming it (a paper preset run without its data must
+      not train on the synthetic set).
     Idempotent: a resolved config resolves to itself.
     """
     cfg = Config(cfg)
-    data_dir = Path(cfg.data_dir)
-    if data_dir.is_dir():
+    if Path(cfg.data_dir).is_dir():
         return cfg
-    if cfg.data_dir.rstrip("/") != DEFAULTS["data_dir"].rstrip("/"):
-        raise ConfigError(
-            f"flag 'data_dir': {cfg.data_dir} does not exist. Point --data_dir at a nuScenes dataroot "
-            f"(the folder holding v1.0-trainval/ or v1.0-mini/, samples/, sweeps/), or leave the "
-            f"default to train on the synthetic set"
-        )
+    check_data_dir(cfg)
     from bevtrain.synthetic import ensure_synthetic
 
     synth = Path(cfg.synthetic_dir)
@@ -95,7 +108,83 @@ def build_loader(cfg: Mapping[str, Any], ds, is_train: bool, batch_size: int, ra
                        rank=rank, world_size=world_size, seed=data.seed)
 
 
+# -- CPU threads (training and evaluation) ---------------------------------------------------------------
+def idle_cpus(cpus: Sequence[int] | None = None, window: float = 0.5) -> float | None:
+    """How many of the CPUs this process may use are idle now: their idle share over ``window`` seconds
+    (Linux ``/proc/stat``), summed; None where that cannot be read. Now, not the load average: the
+    load average still counts work just finished (a pip install, the synthetic set's generation)."""
+    import os
+    import time
+
+    if cpus is None:
+        try:
+            cpus = sorted(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            return None
+
+    def sample():
+        out = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    values = [int(v) for v in fields]
+                    out[int(name[3:])] = (values[3] + values[4], sum(values[:8]))  # idle + iowait, total
+        return out
+
+    try:
+        before = sample()
+        time.sleep(window)
+        after = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = 0.0
+    for cpu, (idle_b, total_b) in before.items():
+        idle_a, total_a = after.get(cpu, (idle_b, total_b))
+        if total_a > total_b:
+            idle += (idle_a - idle_b) / (total_a - total_b)
+    return idle if before else None
+
+
+def configure_threads(threads: int, device: torch.device) -> str:
+    """Set torch's CPU thread count; returns what was chosen and why, for the run's first lines.
+
+    ``threads`` > 0: that many. 0 (auto): on a CPU device, the CPUs this process may use that are idle
+    now (at least 1), never more than torch has (its default, or what OMP_NUM_THREADS or the caller
+    set); chosen once per process, so that runs in one process compute alike. On CUDA, torch's count as
+    it is. Why: on a busy machine more threads than idle cores wait for each other at every operation;
+    CPU steps ran 4-10x slower with torch's default than with one thread there.
+    """
+    from bevtrain.config import usable_cpus
+
+    global _AUTO_THREADS
+    now = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+        return f"{threads} CPU thread{'s' if threads > 1 else ''} (--threads)"
+    if device.type != "cpu":
+        return f"{now} CPU threads"
+    if _AUTO_THREADS is None:
+        cpus = usable_cpus()
+        idle = idle_cpus()
+        if idle is None:
+            _AUTO_THREADS = (now, "torch's default; --threads=N to choose")
+        else:
+            chosen = max(1, min(now, int(idle + 0.5)))
+            _AUTO_THREADS = (chosen, f"auto: {idle:.1f} of {cpus} CPUs idle; --threads=N to choose")
+    chosen, why = _AUTO_THREADS
+    torch.set_num_threads(min(now, chosen))
+    chosen = torch.get_num_threads()
+    return f"{chosen} CPU thread{'s' if chosen > 1 else ''} ({why})"
+
+
+_AUTO_THREADS = None  # (threads, why) of the first auto choice in this process
+
+
 # -- running the model on a batch (shared by training and evaluation) -------------------------------
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """None = fp32. 'auto': bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU."""
     if amp == "auto":

@@ -99,11 +99,18 @@ def resolve_resume(resume: Union[bool, str], ckpt_dir: PathLike) -> Path:
     )
 
 
-def resolve_init(init_dir: PathLike) -> Path:
-    """init_dir -> checkpoint file: a .pth, or the newest checkpoint in the folder."""
+def resolve_init(init_dir: PathLike, ckpt_dir: PathLike | None = None) -> Path:
+    """init_dir -> checkpoint file: a .pth, the newest checkpoint of a run folder, or of a run name in
+    ``ckpt_dir``."""
     p = Path(init_dir)
     if p.is_file():
         return p
+    if not p.exists() and ckpt_dir is not None and (Path(ckpt_dir) / p).is_dir():
+        p = Path(ckpt_dir) / p
+    if not p.exists():
+        in_ckpt = f" nor a run in {ckpt_dir}" if ckpt_dir is not None else ""
+        raise CheckpointError(f"--init_dir={init_dir} does not exist{in_ckpt} (expected a run folder such as "
+                              f"checkpoints/<run>, a run name or a model-*.pth file)")
     last = latest_checkpoint(p) if p.is_dir() else None
     if last is None:
         raise CheckpointError(f"--init_dir={init_dir}: no model-*.pth checkpoint there")
@@ -189,7 +196,10 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     return path
 
 
-def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
+def load_checkpoint(
+    path: PathLike, map_location: Any = "cpu", pick: str = "--resume=<file.pth>"
+) -> Dict[str, Any]:
+    """``pick``: how the command that reads it chooses another checkpoint, for the error message."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -198,8 +208,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     except Exception as e:  # torch raises several types for truncated / foreign files
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a bevtrain checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); delete it or pick another file with "
-            f"--resume=<file.pth>"
+            f"{str(e).splitlines()[0] if str(e) else ''}); delete it or pick another file with {pick}"
         ) from e
     if isinstance(ckpt, dict) and "model" not in ckpt and "model_state_dict" in ckpt:
         return simplebev_checkpoint(ckpt, path)

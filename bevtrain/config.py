@@ -1,7 +1,7 @@
 """Training flags (Simple-BEV's names, meanings and defaults), YAML presets, validation, and the typed
 sections (data, model, optim, run) that the parts of bevtrain read.
 
-Precedence: defaults < YAML preset (``--config=configs/NAME.yaml``) < command line.
+Precedence: defaults < YAML preset (``--config=NAME`` or a path, see ``find_preset``) < command line.
 Every flag has a type taken from its default (or given explicitly); a value of the wrong type,
 an unknown flag or an unknown YAML key is a ``ConfigError`` that names the flag and, for unknown
 names, suggests the closest known one.
@@ -12,9 +12,10 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Tuple, TypeVar
+from typing import Any, Dict, Iterable, List, Mapping, Tuple, TypeVar
 
 import yaml
 
@@ -23,6 +24,30 @@ from bevtrain.geometry import DEFAULT_BOUNDS, DEFAULT_CENTROID
 
 class ConfigError(ValueError):
     """A bad flag, YAML key or value; the message says which and what to do."""
+
+
+# The image encoders bevtrain builds (bevtrain.model.encoders.ENCODER_TYPES; a test keeps both equal)
+# and the number of nuScenes cameras (bevtrain.data.index.CAMERA_NAMES): flags are checked against
+# them before anything is imported or built.
+ENCODER_TYPES = ("res101", "res50", "res18", "effb0", "effb4")
+NUM_CAMERAS = 6
+# Simple-BEV's nworkers default: an upper bound here, lowered to the CPUs a process may use
+# (usable_cpus) unless the flag is given.
+SIMPLE_BEV_NWORKERS = 12
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a cgroup or taskset limit counts), shared among
+    the ranks torchrun starts on this machine (LOCAL_WORLD_SIZE); at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_ranks = 1
+    return max(1, cpus // local_ranks)
 
 
 @dataclass(frozen=True)
@@ -63,7 +88,7 @@ FLAGS: Tuple[Flag, ...] = (
     _sb("max_iters", 100000, "optimiser steps (the paper's recipe ran 25k)"),
     _sb("log_freq", 1000, "train scalars and the console line every N steps"),
     _sb("shuffle", True, "shuffle the data (train and val loaders)"),
-    _sb("dset", "trainval", "nuScenes version: trainval or mini", choices=("trainval", "mini")),
+    _sb("dset", "trainval", "nuScenes version", choices=("trainval", "mini")),
     _sb("do_val", True, "evaluate on val batches every val_freq steps"),
     _sb("val_freq", 100, "val loss/IoU every N steps"),
     _sb("save_freq", 1000, "checkpoint every N steps (and always at the end)"),
@@ -72,13 +97,15 @@ FLAGS: Tuple[Flag, ...] = (
     _sb("lr", 3e-4, "learning rate (OneCycleLR max_lr when use_scheduler)"),
     _sb("use_scheduler", True, "linear OneCycleLR over max_iters + 100 steps (Simple-BEV), pct_start 0.05"),
     _sb("weight_decay", 1e-7, "AdamW weight decay"),
-    _sb("nworkers", 12, "data-loader worker processes per rank (0 = load in the main process)"),
-    _sb("data_dir", "data/nuscenes", "nuScenes dataroot; when the default is absent the synthetic "
-        "set (synthetic_dir) is used"),
+    _sb("nworkers", SIMPLE_BEV_NWORKERS, "data-loader worker processes per rank (0 = load in the main "
+        "process); unless given, Simple-BEV's 12 lowered to the CPUs this process may use (per rank)"),
+    _sb("data_dir", "data/nuscenes", "nuScenes dataroot (the folder holding v1.0-trainval/ or v1.0-mini/, "
+        "samples/, sweeps/); a missing one is an error unless --synthetic=True"),
     _sb("log_dir", "logs_nuscenes_bevseg", "TensorBoard root: <log_dir>/<run>/t and /v"),
     _sb("ckpt_dir", "checkpoints/", "checkpoint root: <ckpt_dir>/<run>/model-%09d.pth"),
     _sb("keep_latest", 1, "keep this many newest checkpoints of a run"),
-    _sb("init_dir", "", "initialise the model from the newest checkpoint in this folder (or a .pth)"),
+    _sb("init_dir", "", "initialise the model from the newest checkpoint in this run folder (or a run name "
+        "in ckpt_dir, or a .pth file)"),
     _sb("ignore_load", None, "parameter-name prefixes not loaded from init_dir (str or list)",
         kind="optional_str_list"),
     _sb("load_step", False, "with init_dir: continue the step count of that checkpoint"),
@@ -86,9 +113,9 @@ FLAGS: Tuple[Flag, ...] = (
     _sb("res_scale", 2, "image scale: final_dim = (224*res_scale, 400*res_scale)", kind="number"),
     _sb("rand_flip", True, "random image / BEV flips (train)"),
     _sb("rand_crop_and_resize", True, "random resize in [0.8, 1.2] + crop (train)"),
-    _sb("ncams", 6, "cameras per sample"),
+    _sb("ncams", NUM_CAMERAS, f"cameras per sample (1..{NUM_CAMERAS})"),
     _sb("nsweeps", 3, "radar/lidar sweeps accumulated"),
-    _sb("encoder_type", "res101", "image encoder: res101, res50, res18, effb0, effb4, ..."),
+    _sb("encoder_type", "res101", "image encoder", choices=ENCODER_TYPES),
     _sb("use_radar", False, "feed radar to the model"),
     _sb("use_radar_filters", False, "use the devkit's default radar filters"),
     _sb("use_lidar", False, "feed lidar to the model"),
@@ -102,7 +129,8 @@ FLAGS: Tuple[Flag, ...] = (
     _sb("get_tids", False, "return instance ids"),
     _sb("temporal_aug", False, "temporal augmentation"),
     # --- ours -------------------------------------------------------------------------------------
-    _f("config", "", "YAML preset (configs/NAME.yaml); command-line flags override it"),
+    _f("config", "", "YAML preset: a name (quickstart, rgb, radar, lidar: configs/NAME.yaml of bevtrain) or "
+       "a path to a YAML file; command-line flags override it"),
     _f("resume", "", "continue a run: True = the newest run in ckpt_dir, or a run folder / "
        "run name / .pth file", kind="resume"),
     _f("stop_at", 0, "stop with a checkpoint after this step (0 = run to max_iters); resume later"),
@@ -145,8 +173,10 @@ FLAGS: Tuple[Flag, ...] = (
     _f("max_nonfinite", 20, "stop (with a checkpoint) after this many non-finite steps in a row"),
     _f("sync_bn", False, "DDP: synchronise BatchNorm statistics across ranks"),
     _f("find_unused_parameters", False, "DDP: allow parameters without gradients"),
-    _f("cache_dir", "", "index cache folder ('' = the dataset's default)"),
-    _f("synthetic_dir", "data/synthetic", "synthetic dataroot used when data_dir is the absent default"),
+    _f("cache_dir", "", "index cache folder ('' = $BEVTRAIN_CACHE if set, else ~/.cache/bevtrain/index)"),
+    _f("synthetic", False, "train on the bundled synthetic set (synthetic_dir, generated on first use) "
+       "when data_dir is left at its default and that folder is absent; the quickstart preset sets it"),
+    _f("synthetic_dir", "data/synthetic", "synthetic dataroot used with --synthetic=True"),
     _f("compat", "none", "forward pass and validation inputs: 'none' (bevtrain's exact pixel conventions) "
        "or 'simplebev' (Simple-BEV's: intrinsics scaled as cx*sx, its lift sampling, zero padding and "
        "|feat|>0 camera mean, PIL NEAREST val resize, static camera rig), for Simple-BEV's checkpoints; "
@@ -157,6 +187,11 @@ FLAGS: Tuple[Flag, ...] = (
        "<log_dir>/<run>/bad_samples.jsonl)", choices=("stop", "skip")),
     _f("max_bad_fraction", 0.01, "with bad_samples=skip: stop when more than this fraction of a split "
        "(floor of fraction x samples) is bad"),
+    _f("threads", 0, "torch CPU threads of the main process (0 = auto: on a CPU device the CPUs idle at "
+       "the start, at most torch's default; on CUDA torch's default). Under load, more threads than idle "
+       "cores made CPU steps 4-10x slower than one thread"),
+    _f("debug", False, "print the full traceback of errors in flags, checkpoints or data (by default: the "
+       "message alone)"),
 )
 
 FLAG_BY_NAME: Dict[str, Flag] = {f.name: f for f in FLAGS}
@@ -258,8 +293,12 @@ def _coerce_scalar(kind: str, value: Any) -> Any:
     if kind == "bool":
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"  # fire passes --flag=true on as a string
         raise TypeError
-    if kind == "int":
+    if kind in ("int", "optional_int"):
+        if value is None and kind == "optional_int":
+            return None
         if isinstance(value, bool):
             raise TypeError
         if isinstance(value, int):
@@ -286,16 +325,28 @@ def _coerce_scalar(kind: str, value: Any) -> Any:
     raise AssertionError(kind)
 
 
-def coerce(name: str, value: Any, where: str = "flag") -> Any:
-    """Check and convert one value against the flag's type; ConfigError names the flag."""
-    flag = FLAG_BY_NAME[name]
+# Flags that take a fixed number of values, and what they are.
+LIST_LENGTHS: Dict[str, Tuple[int, str]] = {
+    "bounds": (6, "XMIN XMAX YMIN YMAX ZMIN ZMAX"),
+    "scene_centroid": (3, "x y z"),
+}
+
+
+def coerce(name: str, value: Any, where: str = "flag", flag: Flag | None = None) -> Any:
+    """Check and convert one value against the flag's type; ConfigError names the flag.
+    ``flag``: a flag of another table than FLAGS (eval's own)."""
+    flag = flag or FLAG_BY_NAME[name]
     try:
         if flag.kind.startswith("list["):
             elem = flag.kind[5:-1]
             items = value if isinstance(value, (list, tuple)) else [value]
             out = [_coerce_scalar(elem, v) for v in items]
-            if name in ("bounds",) and len(out) != 6 or name == "scene_centroid" and len(out) != 3:
-                raise TypeError
+            if name in LIST_LENGTHS and len(out) != LIST_LENGTHS[name][0]:
+                n, what = LIST_LENGTHS[name]
+                raise ConfigError(
+                    f"{where} '{name}' needs {n} numbers ({what}), got {len(out)}: {out}; "
+                    f"e.g. --{name}=[{','.join(map(str, flag.default))}]"
+                )
             value = out
         elif flag.kind == "optional_str_list":
             if value is None or value == "":
@@ -335,10 +386,47 @@ def _check_names(values: Mapping[str, Any], where: str) -> None:
             raise ConfigError(f"unknown {where} '{name}'{suggest(name)} (see train_nuscenes.py --help)")
 
 
+def preset_dirs() -> List[Path]:
+    """Where ``--config=NAME`` finds bevtrain's presets, in order: ``configs/`` beside the bevtrain
+    package (a clone, or ``pip install -e .``), then ``<sys.prefix>/share/bevtrain/configs`` (where
+    ``pip install .`` puts them: setup.cfg's data_files)."""
+    checkout = Path(__file__).resolve().parent.parent
+    return [checkout / "configs", Path(sys.prefix) / "share" / "bevtrain" / "configs"]
+
+
+def available_presets() -> Dict[str, Path]:
+    """Preset name -> file, the first folder of ``preset_dirs`` holding a name winning."""
+    found: Dict[str, Path] = {}
+    for folder in preset_dirs():
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.yaml")):
+                found.setdefault(path.stem, path)
+    return found
+
+
+def find_preset(value: str) -> Path:
+    """``--config`` value -> YAML file: a path as given (relative to the current folder), else a preset
+    by name (``rgb``, ``rgb.yaml``, or the README's ``configs/rgb.yaml`` from any folder)."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    presets = available_presets()
+    name = path.name[: -len(path.suffix)] if path.suffix in (".yaml", ".yml") else path.name
+    if path.parent in (Path("."), Path("configs")) and name in presets:
+        return presets[name]
+    listed = ", ".join(presets) or "none found"
+    where = " or ".join(str(d) for d in preset_dirs()[:1])
+    raise ConfigError(
+        f"flag 'config': {value} is neither a YAML file (looked in {Path.cwd()}) nor a preset; "
+        f"presets: {listed} (in {where}); pass a name (--config=quickstart) or a path to a YAML file"
+    )
+
+
 def load_yaml(path: str) -> Dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {path} not found (presets live in configs/*.yaml)")
+        p = find_preset(path)
+    path = str(p)
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
@@ -357,7 +445,7 @@ def _check_consistency(cfg: Config) -> None:
     for name in positive:
         if cfg[name] < 1:
             raise ConfigError(f"flag '{name}' must be >= 1, got {cfg[name]}")
-    for name in ("nworkers", "stop_at", "viz_freq", "max_nonfinite", "synthetic_keyframes"):
+    for name in ("nworkers", "stop_at", "viz_freq", "max_nonfinite", "synthetic_keyframes", "threads"):
         if cfg[name] < 0:
             raise ConfigError(f"flag '{name}' must be >= 0, got {cfg[name]}")
     for name in ("lr", "res_scale"):
@@ -373,6 +461,13 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"flag 'max_bad_fraction' must be in [0, 1], got {cfg.max_bad_fraction}")
     if not 0 < cfg.pct_start < 1:
         raise ConfigError(f"flag 'pct_start' must be in (0, 1), got {cfg.pct_start}")
+    if cfg.ncams > NUM_CAMERAS:
+        raise ConfigError(f"flag 'ncams' must be in 1..{NUM_CAMERAS} (nuScenes has {NUM_CAMERAS} cameras), "
+                          f"got {cfg.ncams}")
+    if cfg.seqlen != 1:
+        raise ConfigError(f"flag 'seqlen' must be 1 (single frames only), got {cfg.seqlen}")
+    if cfg.use_metaradar and not cfg.use_radar:
+        raise ConfigError("flag 'use_metaradar': True needs --use_radar=True (metaradar adds radar features)")
     if not 0 <= cfg.refcam_id < cfg.ncams:
         raise ConfigError(f"flag 'refcam_id' must be in [0, ncams={cfg.ncams}), got {cfg.refcam_id}")
     dev = cfg.device
@@ -396,12 +491,14 @@ def resolve_config(
     preset = flags.get("config") or ""
     if preset:
         preset = coerce("config", preset)
-        from_yaml = load_yaml(preset)
+        from_yaml = load_yaml(str(find_preset(preset)))
         values.update(from_yaml)
         explicit |= set(from_yaml)
     for name, value in flags.items():
         values[name] = coerce(name, value)
         explicit.add(name)
+    if "nworkers" not in explicit:  # more workers than CPUs only compete with training (torch warns)
+        values["nworkers"] = min(values["nworkers"], usable_cpus())
     cfg = Config({name: values[name] for name in FLAG_BY_NAME})
     _check_consistency(cfg)
     return cfg, explicit
@@ -420,11 +517,30 @@ def run_name(cfg: Mapping[str, Any], hhmmss: str) -> str:
     return f"{cfg['batch_size']}x{cfg['grad_acc']}_{format_lr(cfg['lr'])}{s}_{cfg['exp_name']}_{hhmmss}"
 
 
+def _shown(value: Any) -> str:
+    """A default as it is typed on the command line."""
+    if isinstance(value, str):
+        return value if value else "''"
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+def describe_flags(flags: Iterable[Flag], defaults: Mapping[str, str] | None = None) -> List[str]:
+    """``--name=default`` then the help, indented and wrapped, with the choices where there are some.
+    ``defaults``: a text to show instead of a flag's default."""
+    import textwrap
+
+    lines = []
+    for f in flags:
+        text = f.help + (f" (one of: {', '.join(map(str, f.choices))})" if f.choices else "")
+        shown = (defaults or {}).get(f.name, _shown(f.default))
+        lines.append(f"  --{f.name}={shown}")
+        lines += textwrap.wrap(text, 100, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    return lines
+
+
 def flags_help() -> str:
-    lines = ["Flags (defaults < --config=YAML < command line):"]
-    for f in FLAGS:
-        lines.append(f"  --{f.name}={f.default!r}  {f.help}")
-    return "\n".join(lines)
+    lines = ["Flags, given as --name=value (defaults < --config=NAME or YAML file < command line):"]
+    return "\n".join(lines + describe_flags(FLAGS, {"nworkers": f"{SIMPLE_BEV_NWORKERS} (at most the CPUs)"}))
 
 
 def dump_yaml(cfg: Mapping[str, Any]) -> str:
@@ -501,6 +617,7 @@ class DataConfig(_Section):
     max_bad_fraction: float
     shuffle: bool
     nworkers: int
+    synthetic: bool
     synthetic_dir: str
     synthetic_keyframes: int
 
@@ -572,6 +689,8 @@ class RunConfig(_Section):
     find_unused_parameters: bool
     compile: bool
     compile_backend: str
+    threads: int
+    debug: bool
 
 
 SECTIONS = (DataConfig, ModelConfig, OptimConfig, RunConfig)
@@ -591,3 +710,73 @@ def override_saved(
     cfg, _ = resolve_config(flags, base=base)
     changed = {k: (base[k], cfg[k]) for k in cfg if k in base and _frozen(base[k]) != _frozen(cfg[k])}
     return cfg, {k: v for k, v in legacy.items() if k not in flags}, changed
+
+
+# -- eval_nuscenes.py's own flags ------------------------------------------------------------------------
+# Besides these, eval takes every training flag as an override of the run's saved config.
+EVAL_FLAGS: Tuple[Flag, ...] = (
+    _f("init_dir", "", "the run to evaluate (required): its folder (checkpoints/<run>), its name (looked up "
+       "in --ckpt_dir) or one model-*.pth file"),
+    _f("load_step", None, "evaluate model-<step>.pth of the run (default: its newest checkpoint)",
+       kind="optional_int"),
+    _f("split", "val", "the split to score", choices=("val", "train")),
+    _f("viz_every", 10, "draw every N-th sample of the split (0 = no pictures)"),
+    _f("max_viz", 50, "draw at most this many samples"),
+    _f("viz_only", False, "only run the model on the samples drawn: pictures, no scores (written to "
+       "viz_only-<step>-<data>-<split>/, apart from a full evaluation's pictures)"),
+    _f("viz_dir", "", "picture folder ('' = viz-<step>-<data>-<split>/ beside the checkpoint)"),
+    _f("viz_width", 400, "width in pixels of each of the three columns of a picture"),
+    _f("gif_fps", 2.0, "frames per second of the scene GIFs"),
+    _f("gif_scale", 1.0, "size of the scene GIFs relative to the PNGs (below about 0.75 the legend is hard "
+       "to read)"),
+    _f("metrics_path", "", "write metrics.json only to this file ('' = the picture folder, and a copy beside "
+       "the checkpoints)"),
+    _f("tensorboard", True, "write the scores and pictures to TensorBoard "
+       "(<log_dir>/<run>/eval-<data>-<split>)"),
+)
+EVAL_FLAG_BY_NAME: Dict[str, Flag] = {f.name: f for f in EVAL_FLAGS}
+EVAL_DEFAULTS: Dict[str, Any] = {f.name: f.default for f in EVAL_FLAGS}
+# Training flags eval_nuscenes.py shows among its own: left out, they take the run's saved value.
+EVAL_SHORTCUTS = ("data_dir", "dset", "batch_size", "nworkers", "amp", "device", "log_dir", "ckpt_dir")
+
+
+def check_eval_flags(flags: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """eval_nuscenes.py's flags, split into its own (checked and converted, defaults filled in) and the
+    training flags that override the run's config (names checked; values are checked against the run's
+    config later). ConfigError names an unknown flag and the closest known one."""
+    for name in flags:
+        if name not in EVAL_FLAG_BY_NAME and name not in FLAG_BY_NAME:
+            raise ConfigError(
+                f"unknown flag '--{name}'{suggest(name, [*EVAL_FLAG_BY_NAME, *FLAG_BY_NAME])} (eval takes "
+                f"its "
+                f"own flags and any training flag; see eval_nuscenes.py --help)"
+            )
+    own = {f.name: f.default for f in EVAL_FLAGS}
+    for name, value in flags.items():
+        if name in EVAL_FLAG_BY_NAME:
+            own[name] = coerce(name, value, flag=EVAL_FLAG_BY_NAME[name])
+    for name in ("viz_every", "max_viz", "load_step"):
+        if own[name] is not None and own[name] < 0:
+            raise ConfigError(f"flag '{name}' must be >= 0, got {own[name]}")
+    if own["viz_width"] < 100:
+        raise ConfigError(f"flag 'viz_width' must be >= 100 (pixels), got {own['viz_width']}")
+    for name in ("gif_fps", "gif_scale"):
+        if not own[name] > 0:
+            raise ConfigError(f"flag '{name}' must be > 0, got {own[name]}")
+    overrides = {k: v for k, v in flags.items() if k not in EVAL_FLAG_BY_NAME}
+    return own, overrides
+
+
+def eval_help() -> str:
+    shortcuts = ", ".join(f"--{k}" for k in EVAL_SHORTCUTS)
+    return "\n".join([
+        "Flags of eval_nuscenes.py:",
+        *describe_flags(
+            EVAL_FLAGS, {"init_dir": "<run folder | run name | model-*.pth>", "load_step": "<newest>"}
+        ),
+        "",
+        f"Training flags: {shortcuts} and every other flag of train_nuscenes.py --help override the run's",
+        "saved config for this evaluation (left out, each takes the run's own value); each override is",
+        "printed and stored in metrics.json, e.g. --data_dir=/data/nuscenes --dset=trainval, or",
+        "--target_raster=exact to score against the exact footprints.",
+    ])

@@ -12,7 +12,6 @@ defaulting to Simple-BEV's, and the converted checkpoint records them with ``com
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple
 
@@ -67,6 +66,8 @@ def check_simplebev_settings(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], so
 
 def _source_file(src: str, load_step: Any) -> Path:
     path = Path(src)
+    if not path.exists():
+        raise CheckpointError(f"SRC {src} does not exist (a Simple-BEV checkpoint folder or a .pth file)")
     if load_step not in (None, False, True, ""):
         if not path.is_dir():
             raise CheckpointError(f"--load_step={load_step} needs SRC to be a checkpoint folder, not {src}")
@@ -82,7 +83,7 @@ def convert(src: str, dst: str, load_step: Any = None, **flags: Any) -> Tuple[Pa
     from bevtrain.build import build_model
 
     src_file = _source_file(src, load_step)
-    ckpt = load_checkpoint(src_file)
+    ckpt = load_checkpoint(src_file, pick="another SRC")
     if not is_simplebev(ckpt):
         raise CheckpointError(f"{src_file} is already a bevtrain checkpoint (it holds 'model')")
     cfg, explicit = resolve_config(flags, base=simplebev_base_config())
@@ -118,21 +119,41 @@ def convert(src: str, dst: str, load_step: Any = None, **flags: Any) -> Tuple[Pa
     return target, cfg
 
 
-def main(src: str = "", dst: str = "", load_step: Any = None, **flags: Any) -> None:
-    if not src or not dst:
-        print(__doc__, file=sys.stderr)
-        sys.exit(2)
-    try:
+def main(*args: Any, **flags: Any) -> None:
+    """``python -m bevtrain.convert_simplebev SRC DST [--load_step=N] [model flags]``: every argument
+    checked first, errors as one ``error:`` line (bevtrain.cli)."""
+    from bevtrain.cli import run_command
+
+    if flags.pop("help", False) or flags.pop("h", False):
+        print(__doc__.strip())
+        return
+    debug = str(flags.get("debug", False)).lower() == "true"
+
+    def command():
+        if len(args) > 2:
+            raise ConfigError(f"unexpected argument '{args[2]}': give SRC and DST, then --name=value flags")
+        src = str(args[0]) if args else flags.pop("src", "")
+        dst = str(args[1]) if len(args) > 1 else flags.pop("dst", "")
+        if not src or not dst:
+            raise ConfigError(
+                "SRC and DST are required: python -m bevtrain.convert_simplebev SRC DST [--load_step=N] "
+                "[--use_radar=True ...] (SRC: a Simple-BEV checkpoint folder or .pth; DST: a folder or .pth)"
+            )
+        load_step = flags.pop("load_step", None)
+        if load_step is not None and (isinstance(load_step, bool) or not isinstance(load_step, int)):
+            raise ConfigError(f"flag 'load_step' expects a step number, got {load_step!r}")
+        flags.pop("debug", None)
+        resolve_config(flags)  # every flag checked before the checkpoint is read
         target, cfg = convert(src, dst, load_step, **flags)
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    keys = ("encoder_type", "latent_dim", "Y", "use_radar", "use_metaradar", "use_lidar", "do_rgbcompress")
-    settings = ", ".join(f"{k}={cfg[k]}" for k in keys)
-    print(f"[bevtrain] wrote {target} ({settings}, compat={cfg.compat})")
+        keys = ("encoder_type", "latent_dim", "Y", "use_radar", "use_metaradar", "use_lidar",
+                "do_rgbcompress")
+        settings = ", ".join(f"{k}={cfg[k]}" for k in keys)
+        print(f"[bevtrain] wrote {target} ({settings}, compat={cfg.compat})")
+
+    run_command(command, debug=debug, usage_errors=(CheckpointError,))
 
 
 if __name__ == "__main__":
-    import fire
+    from bevtrain.cli import fire_main
 
-    fire.Fire(main)
+    fire_main(main)

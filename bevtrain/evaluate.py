@@ -1,7 +1,7 @@
 """Evaluate a trained run on the whole val split: IoU under both protocols, and pictures.
 
     python eval_nuscenes.py --init_dir=checkpoints/<run>            # newest model-*.pth
-    python eval_nuscenes.py --init_dir=checkpoints/<run> --load_step=25000
+    python eval_nuscenes.py --init_dir=<run> --load_step=25000       # a run name: looked up in ckpt_dir
     torchrun --nproc_per_node=4 eval_nuscenes.py --init_dir=...       # same numbers, faster
 
 The run's saved config (inside the checkpoint, else ``config.yaml`` beside it) decides model and
@@ -14,7 +14,8 @@ a per-sample tally, summed over ranks, proves it). Outputs, beside the checkpoin
   dataroots never share a folder): one PNG composite per visualised sample (``--viz_every``,
   ``--max_viz``), one animated GIF per scene (written with Pillow), and this evaluation's
   ``metrics.json``: checkpoint, step, config, data, sample count, both protocols, distance
-  bands, samples/s;
+  bands, samples/s; ``--viz_only`` writes to ``viz_only-<step>-...`` instead (and TensorBoard
+  ``eval-...-viz_only``), never over a full evaluation's pictures;
 - ``metrics.json`` beside the checkpoint: a copy of the latest evaluation's (``--metrics_path``
   writes only there instead);
 - TensorBoard ``<log_dir>/<run>/eval-<dataset tag>-<split>``: the numbers and the composites
@@ -27,7 +28,6 @@ GIFs and TensorBoard images are assembled by rank 0 from the PNG files, so with 
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
@@ -44,6 +44,7 @@ from bevtrain.build import (
     build_vox_util,
     compile_model,
     configure_cuda,
+    configure_threads,
     forward,
     resolve_data_dir,
 )
@@ -55,7 +56,16 @@ from bevtrain.checkpoint import (
     load_checkpoint,
     load_weights,
 )
-from bevtrain.config import FLAG_BY_NAME, Config, ConfigError, fill_legacy, override_saved, suggest
+from bevtrain.config import (
+    EVAL_DEFAULTS,
+    FLAG_BY_NAME,
+    Config,
+    check_eval_flags,
+    coerce,
+    eval_help,
+    fill_legacy,
+    override_saved,
+)
 from bevtrain.distributed import all_gather_object, barrier, cleanup, init_distributed
 from bevtrain.inference import (
     BATCH_KEYS_ON_DEVICE,
@@ -86,28 +96,30 @@ MODEL_KEYS = (
 )
 # Settings that change what the network sees or is scored on: overriding them changes the numbers.
 DATA_KEYS = ("res_scale", "ncams", "refcam_id", "bounds", "scene_centroid", "classes", "compat")
-# Training flags eval_nuscenes.py names in its own signature (they override the run's config).
+# Model settings that do not change the weights' shapes: the checkpoint loads, the grid is another.
+GRID_KEYS = ("Z", "X")
+# Training flags eval_nuscenes.py shows among its own (they override the run's config when given).
 SHORTCUT_FLAGS = ("dset", "data_dir", "batch_size", "nworkers", "amp", "device", "log_dir")
 
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """What an evaluation draws and writes (not training flags)."""
+    """What an evaluation draws and writes (eval's own flags: bevtrain.config.EVAL_FLAGS, where their
+    help and defaults live)."""
 
-    viz_every: int = 10  # draw every N-th sample (0 = none)
-    max_viz: int = 50  # at most this many composites
-    viz_only: bool = False  # run the model on the drawn samples only; no metric
-    viz_dir: str = ""  # picture folder ('' = viz-<step>-<what was evaluated> beside the checkpoint)
-    viz_width: int = 400
-    gif_fps: float = 2.0
-    gif_scale: float = 0.5
-    metrics_path: str = ""  # write metrics.json only here ('' = picture folder and run folder)
-    tensorboard: bool = True
-    split: str = "val"
+    viz_every: int = EVAL_DEFAULTS["viz_every"]
+    max_viz: int = EVAL_DEFAULTS["max_viz"]
+    viz_only: bool = EVAL_DEFAULTS["viz_only"]
+    viz_dir: str = EVAL_DEFAULTS["viz_dir"]
+    viz_width: int = EVAL_DEFAULTS["viz_width"]
+    gif_fps: float = EVAL_DEFAULTS["gif_fps"]
+    gif_scale: float = EVAL_DEFAULTS["gif_scale"]
+    metrics_path: str = EVAL_DEFAULTS["metrics_path"]
+    tensorboard: bool = EVAL_DEFAULTS["tensorboard"]
+    split: str = EVAL_DEFAULTS["split"]
 
 
 EVAL_OPTION_NAMES = tuple(f.name for f in fields(EvalOptions))
-EVAL_FLAGS = ("init_dir", "load_step", *SHORTCUT_FLAGS, *EVAL_OPTION_NAMES)
 
 
 @dataclass
@@ -126,12 +138,13 @@ class TrainedRun:
 
 
 # -- finding the checkpoint and its config ----------------------------------------------------------
-def find_checkpoint(init_dir: str, load_step: Any = None) -> Path:
-    """``init_dir`` (a run folder, or a .pth file) + optional step -> checkpoint file."""
+def find_checkpoint(init_dir: str, load_step: Any = None, ckpt_dir: str | None = None) -> Path:
+    """``init_dir`` (a run folder, a run name in ``ckpt_dir``, or a .pth file) + optional step ->
+    checkpoint file."""
     if init_dir in (None, "", True, False):
         raise EvalError(
             "--init_dir is required: the run's checkpoint folder (<ckpt_dir>/<run>, holding "
-            "model-000001000.pth files) or one model-*.pth file"
+            "model-000001000.pth files), its name, or one model-*.pth file"
         )
     path = Path(str(init_dir))
     if path.is_file():
@@ -140,9 +153,17 @@ def find_checkpoint(init_dir: str, load_step: Any = None) -> Path:
                 f"--load_step={load_step} needs --init_dir to be a run folder, not the file {path}"
             )
         return path
+    if not path.exists() and ckpt_dir and (Path(ckpt_dir) / path).is_dir():
+        path = Path(ckpt_dir) / path  # a run name, as --resume=<run name> takes it
     if not path.exists():
+        root = Path(ckpt_dir) if ckpt_dir else None
+        runs = [p for p in root.iterdir() if p.is_dir()] if root is not None and root.is_dir() else []
+        newest = [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime)[-5:]]
         raise EvalError(
-            f"--init_dir={init_dir} does not exist (expected a run folder such as checkpoints/<run>)"
+            f"--init_dir={init_dir} does not exist"
+            + (f", nor a run of that name in --ckpt_dir={ckpt_dir}" if root is not None else "")
+            + (f" (newest runs there: {', '.join(newest)})" if newest else "")
+            + "; expected a run folder such as checkpoints/<run>, a run name or a model-*.pth file"
         )
     ckpts = list_checkpoints(path)
     if not ckpts:
@@ -185,9 +206,9 @@ def saved_config(ckpt: Mapping[str, Any], ckpt_file: Path) -> Tuple[Dict[str, An
     )
 
 
-def open_run(init_dir: str, load_step: Any = None) -> TrainedRun:
-    file = find_checkpoint(init_dir, load_step)
-    ckpt = load_checkpoint(file, map_location="cpu")
+def open_run(init_dir: str, load_step: Any = None, ckpt_dir: str | None = None) -> TrainedRun:
+    file = find_checkpoint(init_dir, load_step, ckpt_dir)
+    ckpt = load_checkpoint(file, map_location="cpu", pick="--init_dir=<file.pth> or --load_step=<step>")
     trained, source = saved_config(ckpt, file)
     # A run saved before a flag existed was trained with the old behaviour (target_raster: exact).
     trained, legacy = fill_legacy(trained)
@@ -206,35 +227,44 @@ def _differences(a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str]
 
 
 def eval_config(trained: Mapping[str, Any], overrides: Mapping[str, Any]) -> Tuple[Config, List[str]]:
-    """The training config with command-line overrides; returns it and lines describing the overrides."""
-    for k in overrides:
-        if k not in FLAG_BY_NAME:
-            raise ConfigError(
-                f"unknown flag '--{k}'{suggest(k, [*FLAG_BY_NAME, *EVAL_FLAGS])} (eval takes its own flags "
-                f"and the training flags; see eval_nuscenes.py --help)"
-            )
+    """The training config with command-line overrides; returns it and lines describing the overrides
+    that change a value (a flag given with the run's own value is no override)."""
+    check_eval_flags(overrides)
     # Where training ran says nothing about where evaluation runs: pick the device afresh.
     base = {
         **trained,
         "device": FLAG_BY_NAME["device"].default,
         "device_ids": FLAG_BY_NAME["device_ids"].default,
     }
-    cfg, _, _ = override_saved(base, overrides, drop=("config", "resume", "init_dir"))
-    return cfg, [_override_note(k, trained, cfg) for k in overrides]
+    cfg, _, _ = override_saved(base, overrides, drop=("config", "resume", "init_dir", "debug"))
+    notes = [_override_note(k, trained, cfg) for k in overrides if k != "debug"]
+    return cfg, [note for note in notes if note]
+
+
+NOT_COMPARABLE = "numbers not comparable to the run's own"
 
 
 def _override_note(k: str, trained: Mapping[str, Any], cfg: Config) -> str:
+    """'' when the value is the run's own."""
     before = trained.get(k, FLAG_BY_NAME[k].default)
-    if before == cfg[k]:
-        return f"{k}: {cfg[k]!r} (command line, as in training)"
+    if _frozen_equal(before, cfg[k]):
+        return ""
     note = f"{k}: {before!r} -> {cfg[k]!r} (command line)"
     if k == "target_raster":
-        return note + "  [ground truth drawn by another rule than in training]"
-    if k in MODEL_KEYS and not trained.get("_simplebev_file"):
-        return note + "  [changes the network: the checkpoint may not load]"
+        return note + f"  [ground truth drawn by another rule than in training: {NOT_COMPARABLE}]"
+    if trained.get("_simplebev_file"):
+        return note
+    if k in GRID_KEYS:
+        return note + f"  [another BEV grid than in training: {NOT_COMPARABLE}]"
+    if k in MODEL_KEYS:
+        return note + f"  [changes the network: the checkpoint may not load; if it does, {NOT_COMPARABLE}]"
     if k in DATA_KEYS:
-        return note + "  [differs from training: numbers not comparable to the run's own]"
+        return note + f"  [differs from training: {NOT_COMPARABLE}]"
     return note
+
+
+def _frozen_equal(a: Any, b: Any) -> bool:
+    return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
 
 
 def check_val_split(cfg: Config) -> None:
@@ -298,16 +328,18 @@ def run_split(
 def evaluate(init_dir: str = "", load_step: Any = None, **flags: Any) -> Dict[str, Any]:
     """Evaluate the checkpoint in ``init_dir`` on ``split``; returns the metrics dict (also on disk).
 
-    Flags: ``--load_step`` picks ``model-<step>.pth`` (default: newest). The fields of EvalOptions
-    (``--viz_every``/``--max_viz`` choose samples to draw, 0 = none; ``--viz_only`` runs the model on
-    those samples only and skips the metric; ``--split``, ``--metrics_path``, ...) say what is drawn
-    and written. ``--dset``, ``--data_dir``, ``--batch_size`` (global, split across ranks),
-    ``--nworkers``, ``--amp``, ``--device`` and any other training flag override the run's saved config.
+    Flags: eval's own (bevtrain.config.EVAL_FLAGS: ``load_step``, what is drawn and written) and any
+    training flag, which overrides the run's saved config. Every flag is checked before the checkpoint
+    is read.
     """
-    options = EvalOptions(**{k: flags.pop(k) for k in list(flags) if k in EVAL_OPTION_NAMES})
     # A shortcut left at None means "as in training"; other training flags are taken as given.
-    overrides = {k: v for k, v in flags.items() if not (k in SHORTCUT_FLAGS and v is None)}
-    run = open_run(init_dir, load_step)
+    flags = {k: v for k, v in flags.items() if not (k in SHORTCUT_FLAGS and v is None)}
+    own, overrides = check_eval_flags({"init_dir": init_dir, "load_step": load_step, **flags})
+    for name, value in overrides.items():
+        coerce(name, value)  # its type now; its fit with the run's config once that is read
+    options = EvalOptions(**{k: own[k] for k in EVAL_OPTION_NAMES})
+    ckpt_dir = overrides.get("ckpt_dir", FLAG_BY_NAME["ckpt_dir"].default)
+    run = open_run(own["init_dir"], own["load_step"], ckpt_dir)
     run.legacy = {k: v for k, v in run.legacy.items() if k not in overrides}
     cfg, notes = eval_config(run.trained, overrides)
     if is_simplebev(run.weights):
@@ -349,8 +381,12 @@ def _build_model(cfg: Config, run: TrainedRun) -> torch.nn.Module:
 
 
 def _split_dataset(cfg: Config, split: str):
+    from bevtrain.cli import data_error_types
+
     try:
         return build_dataset(cfg, split=split, is_train=False)
+    except data_error_types():
+        raise  # they name the file to fix; bevtrain.cli prints them with their own exit code
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise EvalError(
             f"--data_dir={cfg.data_dir} --dset={cfg.dset}: cannot read the {split!r} split: {e}"
@@ -380,6 +416,7 @@ def evaluate_run(
     say = print if info.is_main else (lambda *a, **k: None)
     _announce(cfg, run, notes, say)
     device = info.device
+    threads = configure_threads(cfg.threads, device)
     cfg = resolve_data_dir(cfg, announce=info.is_main)
     check_val_split(cfg)
     model = _ready_model(cfg, run, device)
@@ -402,13 +439,15 @@ def evaluate_run(
     autocast, _, dtype = build_precision(cfg.amp, device)  # the same precision as training's
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     evaluated = report.evaluated_name(cfg.data_dir, cfg.dset, options.split)
+    # --viz_only draws other samples (and no scores): never into a full evaluation's folders.
+    prefix = "viz_only" if options.viz_only else "viz"
     out_viz = (
-        Path(options.viz_dir) if options.viz_dir else run.file.parent / f"viz-{run.step:09d}-{evaluated}"
+        Path(options.viz_dir) if options.viz_dir else run.file.parent / f"{prefix}-{run.step:09d}-{evaluated}"
     )
     say(
         f"[eval] {options.split} split of {cfg.dset} at {cfg.data_dir}: {n} samples; "
         f"{'visualising ' + str(len(chosen)) + ' (viz_only)' if options.viz_only else 'all of them'}; "
-        f"{info.world_size} process(es), batch {per_rank}/process, device {device}, {precision}"
+        f"{info.world_size} process(es), batch {per_rank}/process, device {device}, {precision}, {threads}"
     )
 
     def predict(batch):
@@ -436,6 +475,8 @@ def evaluate_run(
     if info.is_main:
         # One TensorBoard folder per evaluated dataset and split: their curves share tags and steps.
         tb_dir = Path(cfg.log_dir) / run.file.parent.name / f"eval-{evaluated}"
+        if options.viz_only:  # its pictures are other samples: not at a full evaluation's step and tags
+            tb_dir = tb_dir.with_name(tb_dir.name + "-viz_only")
         _write_outputs(cfg, run, summary, done["result"], options, pngs, (out_viz, tb_dir), say)
     summary["pngs"] = pngs  # every rank's, on every rank
     return summary
@@ -450,6 +491,8 @@ def _summary(cfg, run: TrainedRun, notes, options: EvalOptions, info, done, n, p
         "checkpoint_format": "simplebev" if is_simplebev(run.weights) else "bevtrain",
         "compat": cfg.compat,
         "overrides": list(notes),
+        # False when an override changes what is scored (grid, inputs, ground truth): see overrides
+        "comparable_with_training": not any(NOT_COMPARABLE in note for note in notes),
         "data": {"data_dir": str(cfg.data_dir), "dset": cfg.dset, "split": options.split, "split_size": n},
         "samples": counted,
         "viz_only": bool(options.viz_only),
@@ -477,6 +520,10 @@ def _write_outputs(cfg, run: TrainedRun, summary, result, options: EvalOptions, 
     out_viz, tb_dir = folders
     if not options.viz_only:
         say(format_table(result, raster=cfg.target_raster))
+        if not summary["comparable_with_training"]:
+            changed = [note.split(":", 1)[0] for note in summary["overrides"] if NOT_COMPARABLE in note]
+            say(f"[eval] scored with {', '.join(changed)} other than in training: these numbers are not "
+                f"comparable with the run's own")
     say(
         f"[eval] {summary['samples']} samples in {summary['seconds']:.1f} s: {summary['samples_per_s']:.2f} "
         f"samples/s (model alone {summary['model_samples_per_s'] or 0:.2f})"
@@ -507,23 +554,36 @@ def _write_outputs(cfg, run: TrainedRun, summary, result, options: EvalOptions, 
         say(f"[eval] TensorBoard: tensorboard --logdir={summary['tensorboard']}")
 
 
+EVAL_USAGE = """Evaluate a trained run on the whole val split: IoU under both protocols (Simple-BEV's, with
+visibility-1 boxes ignored, and LSS's), PNG/GIF pictures, metrics.json and TensorBoard.
+
+    python eval_nuscenes.py --init_dir=checkpoints/<run>             # its newest checkpoint
+    python eval_nuscenes.py --init_dir=<run> --load_step=25000        # a run name: looked up in --ckpt_dir
+    python eval_nuscenes.py --init_dir=checkpoints/<run> --viz_only=True --viz_every=1 --max_viz=40
+    torchrun --nproc_per_node=4 eval_nuscenes.py --init_dir=checkpoints/<run>   # same numbers, faster
+
+The model and data settings are the run's own (saved in the checkpoint, else config.yaml beside it).
+Pictures and metrics.json go to viz-<step>-<data>-<split>/ beside the checkpoint (viz_only-... with
+--viz_only); the end of the output names every folder written.
+Exit codes: 0 done, 2 a flag or checkpoint to fix, 65 a data file to fix.
+"""
+
+
 def main(*args: Any, **flags: Any) -> Dict[str, Any]:
-    """``evaluate`` with the errors a user can fix printed without a traceback; ``--help``."""
+    """``evaluate`` with the errors a user can fix printed as one ``error:`` line; ``--help``."""
+    from bevtrain.cli import refuse_positional, run_command
+
     if flags.pop("help", False) or flags.pop("h", False):
         # evaluate() takes any training flag as an override, so fire would swallow --help.
-        print(__doc__.strip() + "\n\n" + (evaluate.__doc__ or "").strip())
-        # init_dir is required, load_step defaults to the newest, the shortcuts to the run's values.
-        defaults = {"init_dir": "", "load_step": None, **{f.name: f.default for f in fields(EvalOptions)}}
-        shown = [f"--{k}={defaults.get(k)!r}" for k in EVAL_FLAGS]
-        print("\nEval flags: " + ", ".join(shown))
-        print("\nTraining flags (any can override the run's config):")
-        print(", ".join(FLAG_BY_NAME))
+        print(EVAL_USAGE + "\n" + eval_help())
         return {}
-    try:
-        return evaluate(*args, **flags)
-    except (EvalError, ConfigError, CheckpointError) as e:
-        print(f"eval_nuscenes.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    debug = str(flags.get("debug", False)).lower() == "true"
+
+    def command():
+        refuse_positional(args, flag_for_path="init_dir")
+        return evaluate(**flags)
+
+    return run_command(command, debug=debug, usage_errors=(EvalError, CheckpointError))
 
 
 def cli(*args: Any, **flags: Any) -> None:

@@ -100,7 +100,8 @@ def write_tensorboard(
         for protocol in PROTOCOLS if result else ():
             writer.add_scalar(f"eval/iou_{protocol}_{tag}", result[protocol]["iou"], step)
             for band, r in result[protocol]["bands"].items():
-                writer.add_scalar(f"eval/iou_{protocol}_{tag}_{band}", r["iou"], step)
+                if math.isfinite(r["iou"]):  # an empty band (no cell with vehicles or predictions) has none
+                    writer.add_scalar(f"eval/iou_{protocol}_{tag}_{band}", r["iou"], step)
         if samples_per_s:
             writer.add_scalar("eval/samples_per_s", samples_per_s, step)
         for png in map(Path, pngs):

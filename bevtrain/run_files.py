@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, List, Mapping
 
 import bevtrain
-from bevtrain.config import DEFAULTS, Config, dump_yaml, run_name
+from bevtrain.config import Config, dump_yaml, run_name
 
 
 def code_version() -> str:
@@ -79,14 +79,10 @@ def trim_log(path: Path, step: int, val_pending: bool) -> None:
 def next_steps(cfg: Mapping[str, Any], checkpoint: Path, log_run: Path) -> List[str]:
     """What to do with a finished run: its checkpoint, the eval command, the TensorBoard command.
 
-    The eval command names data_dir / dset when they are not the defaults, so that pasting it
-    (from the same folder) evaluates on the data the run was trained on, whatever eval's defaults.
+    The eval command names the run alone: eval reads data_dir and dset (and every other setting) from
+    the run's saved config, so repeating them would only show up as overrides.
     """
     eval_cmd = ["python", "eval_nuscenes.py", f"--init_dir={checkpoint.parent}"]
-    if str(cfg["data_dir"]).rstrip("/") != DEFAULTS["data_dir"].rstrip("/"):
-        eval_cmd.append(f"--data_dir={cfg['data_dir']}")
-    if cfg["dset"] != DEFAULTS["dset"]:
-        eval_cmd.append(f"--dset={cfg['dset']}")
     return [
         f"[bevtrain] checkpoint: {checkpoint}",
         "[bevtrain] evaluate it on the whole val split (IoU, PNG/GIF pictures, metrics.json):",

@@ -11,10 +11,13 @@ TensorBoard events to ``<log_dir>/<run>/t`` and ``/v`` and checkpoints to ``<ckp
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import sys
+import threading
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping
 
@@ -34,9 +37,10 @@ from bevtrain.checkpoint import (
     resolve_resume,
     restore_rng,
 )
-from bevtrain.config import Config, ConfigError, override_saved, resolve_config
+from bevtrain.cli import data_error_types, record_traceback, refuse_positional, run_command
+from bevtrain.config import SIMPLE_BEV_NWORKERS, Config, ConfigError, override_saved, resolve_config
 from bevtrain.convert_simplebev import check_simplebev_settings, convert_weights, simplebev_mode
-from bevtrain.data.dataset import BadSampleLog, stop_workers
+from bevtrain.data.dataset import BadSampleLog, kill_loader_workers, stop_workers
 from bevtrain.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -135,6 +139,12 @@ class Run:
     updating: bool = False  # in an optimiser update: no exact state until the step ends
     start_step: int = 0
     t_start: float = 0.0
+    threads: str = ""  # the CPU thread choice, said in the first lines
+    explicit: set = field(default_factory=set)  # flags given now (command line or preset)
+    # Held while the state a checkpoint would hold changes (an optimiser update and the safe point
+    # after it, the BatchNorm snapshot at a step's start) and while a checkpoint is written: a second
+    # stop signal saves only between those (stop_at_once).
+    lock: Any = field(default_factory=threading.RLock)
 
     def safe_point(self, val_pending: bool = False, buffers=None) -> SafePoint:
         return SafePoint(capture_rng(), *self.state.positions(), val_pending, buffers)
@@ -142,6 +152,7 @@ class Run:
     def check_stop(self) -> None:
         """A safe point: a single process stops here after a signal (DDP ranks agree at step ends,
         as they must all run the same collectives)."""
+        self.stop.passed_safe_point()
         if self.stop.requested and not self.info.distributed:
             raise StopNow
 
@@ -159,7 +170,9 @@ class Run:
 
 def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, Any]:
     run = start_run(cfg, flags, info)
-    run.stop = StopSignals()
+    run.stop = StopSignals(
+        on_first=lambda name: acknowledge_stop(run, name), on_second=lambda name: stop_at_once(run, name)
+    )
     run.stop.install()  # before loader workers start: from here on a signal is acted on at a safe point
     try:
         open_run(run)
@@ -169,6 +182,8 @@ def train(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Dict[str, An
         save_after_signal(run)
     except BaseException as exc:
         save_after_crash(run, exc)
+        if info.is_main and isinstance(exc, data_error_types()):
+            record_traceback(exc, run.log_run)  # the message alone is printed (bevtrain.cli)
         raise
     finally:
         run.close()
@@ -184,11 +199,11 @@ def run_loop(run: Run) -> str:
         stop_now = False
         val_due, state.val_pending = state.val_pending, False
         if not val_due:
-            run.point = run.safe_point(buffers=[b.detach().clone() for b in state.model.buffers()])
+            with run.lock:
+                run.point = run.safe_point(buffers=[b.detach().clone() for b in state.model.buffers()])
             result = train_step(run)
             stop_now = result.stop_requested
-            val_due = run.validator.due(state.step)
-            run.point, run.updating = run.safe_point(val_pending=val_due), False
+            val_due = result.val_due
             after_train_step(run, result)
         if val_due:
             run.point = run.safe_point(val_pending=True)  # after logging: the state validation starts from
@@ -204,6 +219,7 @@ def run_loop(run: Run) -> str:
                 f"are in {path or run.ckpt_run}. Lower --lr, try --amp=none or --amp=bf16, or check the data."
             )
         if not run.info.distributed:
+            run.stop.passed_safe_point()
             stop_now = run.stop.requested
         stopping = stop_now or bool(cfg.stop_at and state.step >= cfg.stop_at)
         if run.checkpointer.due(state.step, stopping):
@@ -224,6 +240,7 @@ class StepResult:
     samples: int
     batch: Dict[str, Any]  # the last micro-batch and its outputs (for pictures)
     out: Dict[str, torch.Tensor]
+    val_due: bool = False  # a validation is due at the step just completed
 
 
 def train_step(run: Run) -> StepResult:
@@ -240,6 +257,7 @@ def train_step(run: Run) -> StepResult:
         batch = to_device(state.train_cursor.next(), run.info.device)
         run.bad_log.add_batch("train", batch, state.step + 1)
         data_time += time.perf_counter() - td
+        run.test_signal("forward", state.step + 1, micro)
         last_micro = micro == cfg.grad_acc - 1
         sync = run.model.no_sync() if run.info.distributed and not last_micro else contextlib.nullcontext()
         with sync:
@@ -255,9 +273,12 @@ def train_step(run: Run) -> StepResult:
             step_parts[k] = step_parts.get(k, 0) + v.detach().float() / cfg.grad_acc
         run.logger.window.iou.update(out["seg"], batch["seg_bev"], batch["valid_bev"])
     run.test_signal("update", state.step + 1)
-    run.updating = True
-    skipped, stop_requested = optimizer_update(run, finite)
-    state.step += 1
+    with run.lock:  # the update and the safe point after it, as one
+        run.updating = True
+        skipped, stop_requested = optimizer_update(run, finite)
+        state.step += 1
+        val_due = run.validator.due(state.step)
+        run.point, run.updating = run.safe_point(val_pending=val_due), False
     return StepResult(
         step_loss,
         step_parts,
@@ -268,6 +289,7 @@ def train_step(run: Run) -> StepResult:
         cfg.batch_size * cfg.grad_acc,
         batch,
         out,
+        val_due,
     )
 
 
@@ -319,6 +341,55 @@ def stopped(run: Run, by_signal: bool) -> str:
         f"continue with --resume={run.ckpt_run}"
     )
     return "signalled" if by_signal else "stopped"
+
+
+def acknowledge_stop(run: Run, name: str) -> None:
+    """The first stop signal, said at once (from the signal watcher thread), with how long it takes."""
+    timing = run.stop.expected_wait()
+    if timing is None:
+        how_long = "how long: not known before a step has ended"
+    elif timing[0] <= timing[1]:
+        how_long = f"about {max(1.0, timing[1] - timing[0]):.0f} s"
+    else:
+        how_long = f"it has run {timing[0]:.0f} s, longer than the {timing[1]:.0f} s of the last ones"
+    step = run.state.step
+    keeps = f"the last completed step ({step})" if step > 0 else "nothing (no step has completed yet)"
+    run.say(
+        f"[bevtrain] {name} received: stopping at the end of the current micro-batch or step ({how_long}), "
+        f"saving {keeps}; send it again to stop now, without the step in progress"
+    )
+
+
+def stop_at_once(run: Run, name: str) -> None:
+    """A second stop signal: save the last completed step and end the process now, from the signal
+    watcher thread, whatever the main thread is computing. An optimiser update or a checkpoint write
+    in progress ends first (``run.lock``); the step in progress is dropped."""
+    run.say(f"[bevtrain] {name} again: stopping now")
+    run.lock.acquire()  # held until the process ends: the main thread changes nothing from here on
+    code = run.cfg.signal_exit_code
+    try:
+        ck = run.checkpointer
+        if not run.info.is_main or ck is None or ck.manager is None:
+            pass
+        elif run.point is not None and ck.unsaved:
+            path = ck.save_point(run.point)
+            run.say(f"[bevtrain] stopped at step {run.state.step}: checkpoint saved to {path}; "
+                    f"continue with --resume={run.ckpt_run}")
+        elif ck.saved_path is not None:
+            run.say(f"[bevtrain] stopped at step {run.state.step}: its checkpoint {ck.saved_path} stands; "
+                    f"continue with --resume={run.ckpt_run}")
+        else:
+            run.say("[bevtrain] stopped before the first step completed: nothing to save")
+        for writer in (*run.writers, run.log_file):
+            if writer is not None:
+                writer.flush()
+    except BaseException as exc:  # say so, and still stop: the user asked twice
+        run.say(f"[bevtrain] could not save a checkpoint while stopping: {exc}")
+    finally:
+        kill_loader_workers()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def save_after_signal(run: Run) -> None:
@@ -398,6 +469,7 @@ def start_run(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Run:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     build.configure_cuda(info.device, cfg.deterministic)
+    threads = build.configure_threads(cfg.threads, info.device)
     name = (
         resume[0]["run_name"] if resume else broadcast_object(unique_run_name(cfg) if info.is_main else None)
     )
@@ -434,7 +506,8 @@ def start_run(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Run:
         bad_log=bad_log,
     )
     run.resume_rng = resume[0].get("rng") or [] if resume else None
-    run.start_step, run.t_start = state.step, time.perf_counter()
+    run.start_step, run.t_start, run.threads = state.step, time.perf_counter(), threads
+    run.explicit = resolve_config(flags)[1]
     return run
 
 
@@ -450,6 +523,7 @@ def prepare_config(cfg: Config, flags: Mapping[str, Any], info: DistInfo, say):
         cfg, resume = _resume_config(cfg, flags, say)
     elif cfg.init_dir:
         cfg, init = _init_config(cfg, flags, say)
+    build.check_data_dir(cfg)  # a missing data_dir is said at once, not after an ImageNet download
     if resume is None and not (init is not None and is_simplebev(init[0]) and not cfg.ignore_load):
         _ensure_encoder_weights(cfg, info.is_main)  # before any data: a missing file stops the run now
     if info.is_main:
@@ -473,21 +547,22 @@ def _resume_config(cfg: Config, flags: Mapping[str, Any], say):
     ckpt = load_checkpoint(path)
     # per-launch flags are not inherited from the interrupted launch
     new_cfg, legacy, changed = override_saved(
-        ckpt.get("config") or {}, flags, drop=("stop_at", "resume", "config")
+        ckpt.get("config") or {}, flags, drop=("stop_at", "resume", "config", "debug", "threads")
     )
     say(f"[bevtrain] resuming {ckpt.get('run_name')} from {path} (step {ckpt['step']})")
     for k, v in legacy.items():
         say(f"[bevtrain]   {k}: the checkpoint predates this flag; using {v!r}, what it was trained with")
     for k, (old, new) in changed.items():
-        say(f"[bevtrain]   overriding {k}: {old!r} -> {new!r}")
+        why = "" if k in flags else " (this machine's CPUs)" if k == "nworkers" else ""
+        say(f"[bevtrain]   overriding {k}: {old!r} -> {new!r}{why}")
     return new_cfg, (ckpt, path)
 
 
 def _init_config(cfg: Config, flags: Mapping[str, Any], say):
     """Read --init_dir's checkpoint; a Simple-BEV one switches on its compat mode (flags given
     explicitly win) and must fit the model flags."""
-    path = resolve_init(cfg.init_dir)
-    init = load_checkpoint(path)
+    path = resolve_init(cfg.init_dir, cfg.ckpt_dir)
+    init = load_checkpoint(path, pick="--init_dir=<file.pth>")
     if is_simplebev(init):
         _, explicit = resolve_config(flags)
         mode = simplebev_mode(explicit)
@@ -547,6 +622,7 @@ def restore(state: TrainState, cfg: Config, info: DistInfo, say, resume, init) -
     if resume is not None:
         ckpt, path = resume
         state.load_state_dict(ckpt, path)
+        rebuild_schedule(state, cfg, ckpt, say)
         same_layout = (
             ckpt.get("world_size") == info.world_size
             and ckpt.get("config", {}).get("batch_size") == cfg.batch_size
@@ -570,6 +646,44 @@ def restore(state: TrainState, cfg: Config, info: DistInfo, say, resume, init) -
             f"[bevtrain] initialised from {path}"
             + (f" (skipped {len(skipped)} ignored keys)" if skipped else "")
         )
+
+
+# Flags the optimiser and schedule are built from: the checkpoint holds their state as built from the
+# saved values, so a resume that changes one rebuilds them (rebuild_schedule).
+SCHEDULE_FLAGS = ("max_iters", "lr", "use_scheduler", "pct_start", "weight_decay")
+
+
+def rebuild_schedule(state: TrainState, cfg: Config, ckpt: Mapping[str, Any], say) -> None:
+    """A resumed run whose schedule flags changed continues as a run launched with the new values
+    would at this step: the one-cycle schedule is built afresh from them and moved to the position the
+    checkpoint's schedule had reached (its steps taken: non-finite steps skip it), the optimiser gets
+    the new learning rate and weight decay. The steps before followed the old values."""
+    saved = ckpt.get("config") or {}
+    changed = {k: (saved[k], cfg[k]) for k in SCHEDULE_FLAGS if k in saved and saved[k] != cfg[k]}
+    if not changed:
+        return
+    old = ckpt.get("scheduler")
+    position = int(old["last_epoch"]) if old else state.step
+    for group in state.optimizer.param_groups:
+        group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+        for key in ("initial_lr", "max_lr", "min_lr"):  # the old schedule's, rebuilt below
+            group.pop(key, None)
+    state.scheduler = build.build_scheduler(cfg, state.optimizer)
+    if state.scheduler is not None:
+        with warnings.catch_warnings():  # stepping a schedule without optimiser steps is what we mean
+            warnings.simplefilter("ignore")
+            for _ in range(min(position, state.scheduler.total_steps - 1)):
+                state.scheduler.step()
+    lr = state.optimizer.param_groups[0]["lr"]
+    what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+    shape = (
+        f"one-cycle over max_iters + 100 = {state.scheduler.total_steps} steps, at position {position}"
+        if state.scheduler is not None else "constant learning rate"
+    )
+    say(
+        f"[bevtrain]   schedule rebuilt for {what}: {shape}, lr now {lr:.2e}: from here on as a run "
+        f"launched with these values (the {state.step} steps before followed the old ones)"
+    )
 
 
 def wrap_model(model: torch.nn.Module, cfg: Config, info: DistInfo) -> torch.nn.Module:
@@ -624,18 +738,25 @@ def _open_folders(run: Run, version: str) -> CheckpointManager:
         trim_log(run.log_run / "train_log.jsonl", step, val_pending)
     run.log_file = open(run.log_run / "train_log.jsonl", "a")
     dtype = build.amp_dtype(cfg.amp, run.info.device)
+    workers = f"{cfg.nworkers} loader worker{'s' if cfg.nworkers != 1 else ''}" + (
+        f" (the CPUs here; Simple-BEV's default is {SIMPLE_BEV_NWORKERS})"
+        if cfg.nworkers < SIMPLE_BEV_NWORKERS and "nworkers" not in run.explicit else ""
+    )
     run.say(
         f"[bevtrain] run {run.name}: {run.info.world_size} process(es) on {run.info.device}, "
         f"batch {cfg.batch_size} ({per_rank_batch(cfg.batch_size, run.info.world_size)}/rank) x "
-        f"grad_acc {cfg.grad_acc}, precision {dtype or 'fp32'}; {cfg.target_raster} target raster (iou "
-        f"below: Simple-BEV protocol under it); logs {run.log_run}, checkpoints {run.ckpt_run}"
+        f"grad_acc {cfg.grad_acc}, precision {build.PRECISION_NAMES[dtype]}; {cfg.target_raster} target "
+        f"raster (iou below: Simple-BEV protocol under it); {workers}, {run.threads}; "
+        f"logs {run.log_run}, checkpoints {run.ckpt_run}"
     )
     return manager
 
 
 # -- command line ----------------------------------------------------------------------------------------
-def cli(**flags) -> None:
-    """``train_nuscenes.py``: fire parses the flags; errors a user can fix print without a traceback."""
+def cli(*args, **flags) -> None:
+    """``train_nuscenes.py``: fire parses the flags; every flag is checked before any work, and errors a
+    user can fix print as one ``error:`` line (bevtrain.cli: exit 2 for flags and checkpoints, 65 for
+    data, 75 stopped by a signal)."""
     from bevtrain.checkpoint import CheckpointError
     from bevtrain.config import flags_help
     from bevtrain.model.encoders import WeightsUnavailableError
@@ -643,19 +764,23 @@ def cli(**flags) -> None:
     if flags.pop("help", False) or flags.pop("h", False):  # fire hands --help on as a flag
         print(CLI_USAGE + "\n" + flags_help())
         return
-    try:
-        main(**flags)
-    except (ConfigError, CheckpointError, WeightsUnavailableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    debug = str(flags.get("debug", False)).lower() == "true"
+
+    def command():
+        refuse_positional(args, flag_for_path="config")
+        return main(**flags)
+
+    run_command(command, debug=debug, usage_errors=(CheckpointError, WeightsUnavailableError))
 
 
 CLI_USAGE = """Train BEV vehicle segmentation on nuScenes (Simple-BEV flags).
 
-    python train_nuscenes.py --batch_size=1 --grad_acc=5 --lr=3e-4
-    python train_nuscenes.py --config=configs/quickstart.yaml
-    torchrun --nproc_per_node=4 train_nuscenes.py --config=configs/rgb.yaml
-    python train_nuscenes.py --resume=True            # continue the newest run
+    python train_nuscenes.py --config=quickstart                # CPU, the synthetic set, minutes
+    python train_nuscenes.py --config=rgb --data_dir=../nuscenes  # Simple-BEV's RGB recipe
+    torchrun --nproc_per_node=4 train_nuscenes.py --config=rgb --data_dir=../nuscenes
+    python train_nuscenes.py --resume=True                      # continue the newest run
 
-Without data at data/nuscenes the synthetic set (data/synthetic) is generated and used.
+Presets (--config=NAME): quickstart, rgb, radar, lidar (configs/ of bevtrain). Only the quickstart trains
+on the bundled synthetic set when there is no data (--synthetic=True); anything else needs --data_dir.
+Exit codes: 0 done, 2 a flag or checkpoint to fix, 65 a data file to fix, 75 stopped early (resumable).
 """

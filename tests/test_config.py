@@ -183,7 +183,7 @@ def test_override_saved_reports_changes_and_legacy_values():
 
     saved = {**DEFAULTS, "lr": 5e-4, "stop_at": 7}
     del saved["target_raster"]  # a run saved before the flag existed
-    cfg, legacy, changed = override_saved(saved, {"lr": 1e-3}, drop=("stop_at",))
+    cfg, legacy, changed = override_saved(saved, {"lr": 1e-3, "nworkers": 12}, drop=("stop_at",))
     assert cfg.lr == 1e-3 and cfg.stop_at == 0
     assert changed == {"lr": (5e-4, 1e-3)}
     assert legacy == {"target_raster": "exact"} and cfg.target_raster == "exact"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import shlex
 import shutil
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from bevtrain.build import build_dataset, build_vox_util
+from bevtrain.checkpoint import CheckpointError
 from bevtrain.config import ConfigError, resolve_config
 from bevtrain.evaluate import EvalError, evaluate, find_checkpoint, run_split
 
@@ -194,9 +196,10 @@ def test_training_prints_a_working_eval_command_and_tensorboard_command(trained_
     eval_cmd = shlex.split(lines[lines.index(next(x for x in lines if "evaluate it" in x)) + 1])
     tb_cmd = shlex.split(lines[lines.index(next(x for x in lines if "TensorBoard" in x)) + 1])
     assert eval_cmd[:2] == ["python", "eval_nuscenes.py"] and tb_cmd[0] == "tensorboard"
-    # The data the run trained on is named (not the defaults data/nuscenes + trainval).
+    # The run alone: eval takes the data the run was trained on from its config (repeating
+    # --data_dir/--dset would be reported as overrides).
     flags = dict(arg[2:].split("=", 1) for arg in eval_cmd[2:])
-    assert flags == {"init_dir": str(run_dir), "data_dir": str(synthetic_root), "dset": "mini"}
+    assert flags == {"init_dir": str(run_dir)}
     summary = evaluate(**flags, viz_every=0, tensorboard=False, metrics_path=str(root / "pasted.json"))
     assert summary["checkpoint"] == str(Path(checkpoint).resolve()) and summary["samples"] > 0
     logdir = Path(tb_cmd[1].split("=", 1)[1])
@@ -412,3 +415,106 @@ def test_target_raster_is_recorded_and_old_checkpoints_keep_exact(trained_run, t
     assert any("another rule than in training" in n for n in again["overrides"])
     for protocol in ("simplebev", "lss"):
         assert again["protocols"][protocol]["union"] == sb["protocols"][protocol]["union"]
+
+
+def _eval_cli(args, cwd, timeout=300):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(repo / "eval_nuscenes.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_eval_flags_are_checked_like_trainings(trained_run, tmp_path):
+    """Issue 25 item 6: a misspelt flag names the closest one (not '--init_dir is required'), a stray
+    argument or a bad value is one error: line, --help describes every eval flag in plain words, and
+    --init_dir takes a run name under --ckpt_dir as --resume does."""
+    run_dir, root = trained_run
+    for args, fragment in (
+        (["--init_dri=x"], "unknown flag '--init_dri'; did you mean 'init_dir'?"),
+        ([str(run_dir)], f"did you mean --init_dir={run_dir}?"),
+        ([f"--init_dir={run_dir}", "--viz_every=often"], "flag 'viz_every' expects int"),
+        ([f"--init_dir={run_dir}", "--split=test"], "flag 'split' must be one of"),
+        (["--init_dir=nope", f"--ckpt_dir={run_dir.parent}"], f"newest runs there: {run_dir.name}"),
+    ):
+        r = _eval_cli(args, tmp_path)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and fragment in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    r = _eval_cli(["--help"], tmp_path)
+    assert r.returncode == 0
+    from bevtrain.config import EVAL_FLAGS
+
+    for flag in EVAL_FLAGS:
+        at = r.stdout.index(f"  --{flag.name}=")
+        assert r.stdout[at:].splitlines()[1].strip(), flag.name  # a description under each flag
+    for internal in ("EvalOptions", "``", "Args:", "Returns"):
+        assert internal not in r.stdout
+
+    by_name = evaluate(init_dir=run_dir.name, ckpt_dir=str(run_dir.parent), viz_every=0, tensorboard=False,
+                       metrics_path=str(tmp_path / "m.json"))  # fmt: skip
+    assert by_name["checkpoint"] == str((run_dir / "model-000000002.pth").resolve())
+    assert by_name["overrides"] == []  # ckpt_dir given with the run's own value: no override
+
+
+def test_viz_only_writes_its_own_folder_and_tensorboard(trained_run, synthetic_root):
+    """Issue 25 item 8: --viz_only drew over a full evaluation's pictures (a scene GIF of 4 frames
+    became 6) and added TensorBoard images at the same step."""
+    from PIL import Image
+
+    run_dir, root = trained_run
+    kw = dict(init_dir=str(run_dir), viz_width=VIZ_CELL, nworkers=0, log_dir=str(root / "logs"))
+    full = evaluate(**kw, viz_every=4, max_viz=4)
+
+    def folder_state():
+        files = sorted(Path(full["viz_dir"]).iterdir())
+        return [(p.name, p.stat().st_mtime_ns) for p in files], [Image.open(g).n_frames for g in full["gifs"]]
+
+    before = folder_state()
+    only = evaluate(**kw, viz_only=True, viz_every=1, max_viz=6)
+    assert Path(only["viz_dir"]).name.startswith("viz_only-000000002-")
+    assert Path(only["viz_dir"]).parent == run_dir and only["viz_dir"] != full["viz_dir"]
+    assert folder_state() == before  # not a file of the full evaluation's folder touched
+    assert only["tensorboard"] != full["tensorboard"] and only["tensorboard"].endswith("-viz_only")
+
+
+def test_overrides_that_change_the_numbers_say_so(trained_run, tmp_path, capsys):
+    """Issue 26 item 5: Z=100 on eval warned 'the checkpoint may not load', then scored on another grid
+    without saying the numbers are not comparable. Issue 25 item 11: an empty distance band is no NaN
+    curve in TensorBoard; --data_dir with the run's own value is no override."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, root = trained_run
+    trained_data = json.loads(json.dumps(torch.load(run_dir / "model-000000002.pth")["config"]))["data_dir"]
+    kw = dict(init_dir=str(run_dir), nworkers=0, viz_every=0, metrics_path=str(tmp_path / "m.json"),
+              log_dir=str(tmp_path / "logs"))  # fmt: skip
+    same = evaluate(**kw, data_dir=trained_data, tensorboard=False)
+    assert not any(note.startswith("data_dir") for note in same["overrides"])
+    assert same["comparable_with_training"] is True
+    capsys.readouterr()
+    other = evaluate(**kw, Z=40, bounds=[-15.0, 15.0, -5.0, 5.0, -15.0, 15.0])
+    printed = capsys.readouterr().out
+    assert other["comparable_with_training"] is False
+    assert "[eval] override Z: 50 -> 40 (command line)  [another BEV grid than in training: numbers not " \
+           "comparable to the run's own]" in printed
+    assert "[eval] scored with Z, bounds other than in training: these numbers are not comparable" in printed
+    assert json.loads((tmp_path / "m.json").read_text())["comparable_with_training"] is False
+    bands = other["protocols"]["simplebev"]["bands"]
+    assert bands["35-50m"]["union"] == 0  # nothing within 15 m is 35-50 m away
+    acc = EventAccumulator(other["tensorboard"])
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert any(t.endswith("_0-20m") for t in tags) and not any(t.endswith("_35-50m") for t in tags)
+    assert all(math.isfinite(e.value) for t in tags for e in acc.Scalars(t))
+
+
+def test_corrupt_checkpoint_message_names_evals_own_flags(trained_run, tmp_path):
+    """Issue 26 item 5: eval suggested --resume=<file.pth>, a training flag."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model-000000002.pth").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError) as err:
+        evaluate(init_dir=str(bad), viz_every=0, tensorboard=False)
+    assert "--init_dir=<file.pth> or --load_step=<step>" in str(err.value)
+    assert "--resume" not in str(err.value)

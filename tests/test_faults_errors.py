@@ -42,7 +42,9 @@ def test_crash_before_the_first_step_saves_nothing_and_exits(tmp_path, synthetic
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, str(REPO / "train_nuscenes.py"), *args], capture_output=True,
                        text=True, env=env, timeout=180)
-    assert r.returncode == 1 and "CAM_FRONT" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+    # a data error: its message alone (no worker traceback), with the data exit code
+    assert r.returncode == 65 and "CAM_FRONT" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr.startswith("error: sample ") and "Traceback" not in r.stderr
     (run,) = (tmp_path / "ckpt").iterdir()
     assert list_checkpoints(run) == []  # an untrained model-000000000.pth would only mislead
     assert "before the first step completed: nothing to save" in r.stdout

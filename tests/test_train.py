@@ -95,6 +95,44 @@ def test_resume_continues_the_same_run(tmp_path, synthetic_root, nworkers):
     assert a == b
 
 
+def _lrs(res):
+    return {r["step"]: r["lr"] for r in train_log(res["log_dir"]) if r["split"] == "train"}
+
+
+@pytest.mark.parametrize("changed", [
+    {"max_iters": 7},
+    {"max_iters": 7, "lr": 1e-3},
+    {"max_iters": 7, "use_scheduler": False},
+])  # fmt: skip
+def test_resume_with_new_schedule_flags_ends_as_a_run_launched_with_them(tmp_path, synthetic_root, capsys,
+                                                                         changed):
+    """Issue 25 item 2: --resume --max_iters=N on a finished run kept the old one-cycle total (old
+    max_iters + 100), so the learning rate past it sat near 0. The schedule is rebuilt from the new
+    flags at the position reached: every step after the resume has the lr of a run launched with them."""
+    flags = tiny(tmp_path, synthetic_root, max_iters=3, grad_acc=1, save_freq=100, do_val=False, lr=2e-3)
+    first = main(**{**flags, "exp_name": "short"})
+    capsys.readouterr()
+    resumed = main(resume=first["ckpt_dir"], log_dir=flags["log_dir"], **changed)
+    said = capsys.readouterr().out
+    launched = main(**{**flags, **changed, "exp_name": "long", "ckpt_dir": str(tmp_path / "ckpt_long")})
+    assert resumed["step"] == launched["step"] == 7
+    got, want = _lrs(resumed), _lrs(launched)
+    assert [got[s] for s in range(4, 8)] == [want[s] for s in range(4, 8)]
+    assert "schedule rebuilt for max_iters 3 -> 7" in said and "from here on as a run launched with" in said
+    ckpt = load_checkpoint(list_checkpoints(first["ckpt_dir"])[-1])
+    if changed.get("use_scheduler", True):
+        assert ckpt["scheduler"]["total_steps"] == 107  # saved: the rebuilt schedule, for the next resume
+
+
+def test_a_resumed_run_ends_with_a_validation(tmp_path, synthetic_root):
+    """Item 11: the last step is validated even when val_freq does not divide max_iters, resumed or not."""
+    flags = tiny(tmp_path, synthetic_root, max_iters=5, val_freq=4, save_freq=100)
+    first = main(**flags, stop_at=2)
+    resumed = main(resume=first["ckpt_dir"], log_dir=flags["log_dir"])
+    assert [r["step"] for r in train_log(resumed["log_dir"]) if r["split"] == "val"] == [4, 5]
+    assert resumed["last_val"]["step"] == 5
+
+
 def test_nonfinite_loss_skips_steps_then_stops_with_checkpoint(tmp_path, synthetic_root, monkeypatch):
     real = train_mod.compute_losses
     calls = {"n": 0}
@@ -187,9 +225,11 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path, synthetic_root):
 
 def test_missing_imagenet_weights_stop_the_run_before_any_data(tmp_path, synthetic_root, monkeypatch):
     """Empty hub cache, no network: the run stops with the URL and cache path before it reads data
-    (a data_dir that does not exist would be the error otherwise) and before any run folder."""
+    (a data_dir without tables would be the error otherwise) and before any run folder; a data_dir
+    that does not exist is said first, before any download is tried."""
     import socket
 
+    from bevtrain.data.index import DataLayoutError
     from bevtrain.model.encoders import WeightsUnavailableError
 
     def no_dns(*args, **kwargs):
@@ -199,12 +239,15 @@ def test_missing_imagenet_weights_stop_the_run_before_any_data(tmp_path, synthet
     previous = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path / "hub"))
     try:
-        flags = tiny(tmp_path, synthetic_root, encoder_weights="imagenet", data_dir=str(tmp_path / "absent"))
+        (tmp_path / "empty").mkdir()
+        flags = tiny(tmp_path, synthetic_root, encoder_weights="imagenet", data_dir=str(tmp_path / "empty"))
         with pytest.raises(WeightsUnavailableError, match=r"resnet18-f37072fd\.pth"):
             main(**flags)
         # with the weights on purpose off, the same flags fail on the data instead
-        with pytest.raises(ConfigError, match="absent"):
+        with pytest.raises(DataLayoutError, match="empty"):
             main(**{**flags, "encoder_weights": "none"})
+        with pytest.raises(ConfigError, match="absent does not exist"):
+            main(**{**flags, "data_dir": str(tmp_path / "absent")})
     finally:
         torch.hub.set_dir(previous)
     assert not (tmp_path / "logs").exists() and not (tmp_path / "ckpt").exists()

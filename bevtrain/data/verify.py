@@ -1,7 +1,7 @@
 """Check every file and calibration a split's index references, before a run trips over one.
 
     python -m bevtrain.data.verify --data_dir=/data/nuscenes --dset=trainval [--split=train] \
-        [--nsweeps=3] [--workers=N] [--decode_factor=8]
+        [--nsweeps=3] [--nworkers=N] [--decode_factor=8]
 
 What is checked (the same index the dataset reads, so the same files):
 - camera JPEGs: start and end-of-image markers (a truncated file has no FFD9), the frame header's
@@ -15,14 +15,13 @@ What is checked (the same index the dataset reads, so the same files):
 - calibrations, ego poses and boxes: finite, unit quaternions, fx, fy > 0 (checked when the index is
   built; see ``index.py``); a table that is not valid JSON.
 
-Files run in parallel over ``--workers`` processes with a progress bar; the summary gives counts per
+Files run in parallel over ``--nworkers`` processes with a progress bar; the summary gives counts per
 problem and the first offenders with their paths and samples. Exit status 0 when everything is
 good, 1 when anything is bad.
 """
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import sys
@@ -33,6 +32,7 @@ from typing import Dict, Iterable, List, Tuple
 
 import cv2
 
+from bevtrain.cli import ArgumentParser
 from bevtrain.data import augment, points
 from bevtrain.data.index import CAMERA_NAMES, LIDAR_NAME, DataLayoutError, DataTableError, load_index
 from bevtrain.progress import Progress
@@ -289,12 +289,13 @@ def format_summary(s: dict, show: int = 5) -> str:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bevtrain.data.verify", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m bevtrain.data.verify", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data_dir", required=True, help="nuScenes dataroot (v1.0-*/, samples/, sweeps/)")
     ap.add_argument("--dset", default="trainval", help="trainval, mini, or a split file (as for training)")
     ap.add_argument("--split", default="train,val", help="split(s) to check, comma separated")
     ap.add_argument("--nsweeps", type=int, default=3, help="lidar/radar sweeps per sample referenced")
-    ap.add_argument("--workers", type=int, default=0, help="processes (0 = one per CPU core)")
+    ap.add_argument("--nworkers", "--workers", type=int, default=0, dest="workers",
+                    help="processes (0 = one per CPU core), as training's --nworkers")
     ap.add_argument("--decode_factor", type=int, default=8, choices=(1, 2, 4, 8),
                     help="decode JPEGs at 1/N scale (all data is still entropy-decoded; 1 = full decode)")
     ap.add_argument("--cache_dir", default="", help="index cache folder ('' = the default)")

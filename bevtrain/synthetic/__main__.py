@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Iterable
 
+from bevtrain.cli import ArgumentParser
 from bevtrain.synthetic import __doc__ as package_doc
 from bevtrain.synthetic.dataroot import generate
 
 
 def main(argv: Iterable[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m bevtrain.synthetic", description=package_doc.split("\n\n")[0]
     )
     ap.add_argument("--out", required=True, help="dataroot to write (v1.0-mini/, samples/, sweeps/, maps/)")
@@ -21,7 +21,8 @@ def main(argv: Iterable[str] | None = None) -> None:
     ap.add_argument("--width", type=int, default=1600)
     ap.add_argument("--height", type=int, default=900)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    ap.add_argument("--nworkers", "--workers", type=int, default=None, dest="workers",
+                    help="processes (default: CPU count)")
     args = ap.parse_args(None if argv is None else list(argv))
     generate(
         args.out,
