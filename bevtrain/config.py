@@ -281,9 +281,14 @@ def suggest(name: str, known: Iterable[str] = FLAG_BY_NAME) -> str:
     return f"; did you mean '{ALIASES.get(close[0], close[0])}'?"
 
 
+# How the kinds that are not Python types read in a message.
+KIND_WORDS = {"optional_int": "an int", "optional_str_list": "str or list[str]", "resume": "True or a path",
+              "number": "a number"}
+
+
 def _type_error(name: str, where: str, flag: Flag, value: Any) -> ConfigError:
     return ConfigError(
-        f"{where} '{name}' expects {flag.kind} (default {flag.default!r}), "
+        f"{where} '{name}' expects {KIND_WORDS.get(flag.kind, flag.kind)} (default {flag.default!r}), "
         f"got {value!r} ({type(value).__name__})"
     )
 

@@ -58,6 +58,7 @@ from bevtrain.checkpoint import (
 )
 from bevtrain.config import (
     EVAL_DEFAULTS,
+    EVAL_SHORTCUTS,
     FLAG_BY_NAME,
     Config,
     check_eval_flags,
@@ -99,7 +100,7 @@ DATA_KEYS = ("res_scale", "ncams", "refcam_id", "bounds", "scene_centroid", "cla
 # Model settings that do not change the weights' shapes: the checkpoint loads, the grid is another.
 GRID_KEYS = ("Z", "X")
 # Training flags eval_nuscenes.py shows among its own (they override the run's config when given).
-SHORTCUT_FLAGS = ("dset", "data_dir", "batch_size", "nworkers", "amp", "device", "log_dir")
+SHORTCUT_FLAGS = EVAL_SHORTCUTS
 
 
 @dataclass(frozen=True)

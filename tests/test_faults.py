@@ -216,8 +216,7 @@ def test_a_stop_is_acknowledged_at_once_and_a_second_signal_stops_now(tmp_path, 
     signal handlers wait out as they wait out a long torch operation). The first SIGTERM is answered at
     once; the second stops within seconds, saving step 2 exactly as the uninterrupted run had it, and
     the resumed run's curves are the uninterrupted run's."""
-    env_signal = "forward:3:0:STALL120"
-    proc = launch(tmp_path, flags(tmp_path, synthetic_root), signal_at=env_signal)
+    proc = launch(tmp_path, flags(tmp_path, synthetic_root), signal_at="forward:3:0:STALL120")
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -226,7 +225,7 @@ def test_a_stop_is_acknowledged_at_once_and_a_second_signal_stops_now(tmp_path, 
     else:
         raise AssertionError("".join(lines[-20:]))
 
-    def read_until(fragment: str, seconds: float) -> float:
+    def read_until(fragment: str) -> float:
         t0 = time.monotonic()
         for line in proc.stdout:  # a stalled process prints nothing else: this returns on the line
             lines.append(line)
@@ -235,7 +234,7 @@ def test_a_stop_is_acknowledged_at_once_and_a_second_signal_stops_now(tmp_path, 
         raise AssertionError("".join(lines[-20:]))
 
     os.killpg(proc.pid, signal.SIGTERM)
-    assert read_until("SIGTERM received: stopping at the end of the current micro-batch or step", 30) < 10
+    assert read_until("SIGTERM received: stopping at the end of the current micro-batch or step") < 10
     ack = lines[-1]
     assert "saving the last completed step (2)" in ack and "send it again to stop now" in ack
     t0 = time.monotonic()

@@ -294,11 +294,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--dset", default="trainval", help="trainval, mini, or a split file (as for training)")
     ap.add_argument("--split", default="train,val", help="split(s) to check, comma separated")
     ap.add_argument("--nsweeps", type=int, default=3, help="lidar/radar sweeps per sample referenced")
-    ap.add_argument("--nworkers", "--workers", type=int, default=0, dest="workers",
+    ap.add_argument("--nworkers", "--workers", type=int, default=0, dest="workers", metavar="N",
                     help="processes (0 = one per CPU core), as training's --nworkers")
     ap.add_argument("--decode_factor", type=int, default=8, choices=(1, 2, 4, 8),
                     help="decode JPEGs at 1/N scale (all data is still entropy-decoded; 1 = full decode)")
-    ap.add_argument("--cache_dir", default="", help="index cache folder ('' = the default)")
+    ap.add_argument("--cache_dir", default="",
+                    help="index cache folder ('' = $BEVTRAIN_CACHE if set, else ~/.cache/bevtrain/index)")
     ap.add_argument("--show", type=int, default=5, help="offenders listed per problem")
     args = ap.parse_args(None if argv is None else list(argv))
     try:

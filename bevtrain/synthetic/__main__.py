@@ -21,7 +21,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     ap.add_argument("--width", type=int, default=1600)
     ap.add_argument("--height", type=int, default=900)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--nworkers", "--workers", type=int, default=None, dest="workers",
+    ap.add_argument("--nworkers", "--workers", type=int, default=None, dest="workers", metavar="N",
                     help="processes (default: CPU count)")
     args = ap.parse_args(None if argv is None else list(argv))
     generate(
