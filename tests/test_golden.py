@@ -10,6 +10,10 @@ come from the real loop on the synthetic test set (CPU, one thread, seed 0) and 
 - within a small tolerance elsewhere (other CPUs may pick other kernels), so CI on another machine
   still catches real changes.
 
+The dataset's targets are pinned too: a digest of every BEV target and box key of every val sample under
+both target rasters, and of every train sample with training augmentation (flips, shuffled reference
+camera), on the default 200 x 200 grid.
+
 After an intended behaviour change (or a changed synthetic generator), rewrite the file with
 ``BEVTRAIN_WRITE_GOLDEN=1 python -m pytest tests/test_golden.py`` and say why in the commit.
 """
@@ -60,6 +64,39 @@ def weights_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+# The dataset keys pinned per sample (images and point clouds are pinned through the run above).
+TARGET_KEYS = ("seg_bev", "valid_bev", "center_bev", "offset_bev", "box_corners", "box_count",
+               "box_visibility")
+# Which datasets: (name, split, is_train, settings); res_scale only shrinks the images (targets do not
+# depend on it), the grid is the default one.
+DATASETS = (
+    ("val_simplebev", "val", False, dict(target_raster="simplebev")),
+    ("val_exact", "val", False, dict(target_raster="exact")),
+    ("train_augmented", "train", True, dict()),
+)
+
+
+def dataset_digests(root: Path) -> dict:
+    """{dataset: {key: {"sha256": digest over all samples, "sum": float sum}}} of TARGET_KEYS."""
+    from conftest import make_dataset
+
+    out = {}
+    for name, split, is_train, settings in DATASETS:
+        ds = make_dataset(root, split=split, is_train=is_train, res_scale=0.25, **settings)
+        hashes = {k: hashlib.sha256() for k in TARGET_KEYS}
+        sums = dict.fromkeys(TARGET_KEYS, 0.0)
+        for i in range(len(ds)):
+            sample = ds[(i, 0)]
+            for k in TARGET_KEYS:
+                a = sample[k].contiguous().numpy()
+                hashes[k].update(str(a.shape).encode())
+                hashes[k].update(a.tobytes())
+                sums[k] += float(a.astype("float64").sum())
+        out[name] = {k: {"sha256": hashes[k].hexdigest(), "sum": sums[k]} for k in TARGET_KEYS}
+        out[name]["samples"] = len(ds)
+    return out
+
+
 def run_golden(root: Path, tmp: Path) -> dict:
     from bevtrain.evaluate import evaluate
     from bevtrain.train import main
@@ -76,7 +113,7 @@ def run_golden(root: Path, tmp: Path) -> dict:
                   "bands": {b: [v["intersection"], v["union"]] for b, v in protocols[p]["bands"].items()}}
               for p in ("simplebev", "lss")}
     return {"train": train, "val": val, "weights_sha256": weights_digest(ckpt),
-            "eval": {"samples": summary["samples"], "counts": counts}}
+            "eval": {"samples": summary["samples"], "counts": counts}, "dataset": dataset_digests(root)}
 
 
 @pytest.fixture
@@ -102,6 +139,7 @@ def test_first_20_steps_and_their_eval_are_unchanged(synthetic_root, tmp_path, o
         assert got["val"] == want["val"]
         assert got["weights_sha256"] == want["weights_sha256"]
         assert got["eval"] == want["eval"]
+        assert got["dataset"] == want["dataset"]
         return
     # Another CPU or torch: kernels may round differently; real changes are still far outside this.
     for g, w in zip(got["train"] + got["val"], want["train"] + want["val"]):
@@ -114,3 +152,8 @@ def test_first_20_steps_and_their_eval_are_unchanged(synthetic_root, tmp_path, o
     for p, w in want["eval"]["counts"].items():
         assert got["eval"]["counts"][p]["union"] == pytest.approx(w["union"], rel=0.02)
         assert got["eval"]["counts"][p]["intersection"] == pytest.approx(w["intersection"], rel=0.02, abs=20)
+    for name, keys in want["dataset"].items():  # numpy / OpenCV arithmetic, not torch kernels: tight
+        assert got["dataset"][name]["samples"] == keys["samples"]
+        for k in TARGET_KEYS:
+            got_sum = got["dataset"][name][k]["sum"]
+            assert got_sum == pytest.approx(keys[k]["sum"], rel=1e-5, abs=1e-3), (name, k)
