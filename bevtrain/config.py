@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Tuple, TypeVar
 
 import yaml
 
+from bevtrain.classes import ClassSpecError, resolve_classes
 from bevtrain.geometry import DEFAULT_BOUNDS, DEFAULT_CENTROID
 
 
@@ -55,7 +56,8 @@ class Flag:
     name: str
     default: Any
     help: str
-    kind: str = ""  # "bool" | "int" | "float" | "str" | "list[int]" | "list[float]" | "list[str]" | custom
+    kind: str = ""  # "bool" | "int" | "float" | "str" | "list[int]" | "list[float]" | "list[str]" | "mapping"
+    #                 | custom
     choices: Tuple[Any, ...] | None = None
     simple_bev: bool = False  # a Simple-BEV flag: name, meaning and default must not change
 
@@ -156,7 +158,14 @@ FLAGS: Tuple[Flag, ...] = (
     _f("X", 200, "BEV grid cells right"),
     _f("bounds", list(DEFAULT_BOUNDS), "XMIN XMAX YMIN YMAX ZMIN ZMAX in metres", kind="list[float]"),
     _f("scene_centroid", list(DEFAULT_CENTROID), "grid shift (x, y, z) in metres", kind="list[float]"),
-    _f("classes", ["vehicle"], "target classes (nuScenes category prefixes)", kind="list[str]"),
+    _f("classes", ["vehicle"], "output channels in order, one segmentation target each: object groups "
+       "(vehicle, pedestrian, traffic_cone, barrier, bicycle, ...: boxes of nuScenes categories by prefix), "
+       "map-expansion layers (drivable_area, ped_crossing, walkway, stop_line, carpark_area, divider, lane, "
+       "road_segment, road_divider, lane_divider), a nuScenes category or prefix, or a class_groups name "
+       "(README 'Targets')", kind="list[str]"),
+    _f("class_groups", {}, "your own output groups (YAML mapping): {name: {categories: [nuScenes category "
+       "prefixes]}} or {name: {layers: [map-expansion layers]}}, optional color: [r, g, b]; name them in "
+       "classes", kind="mapping"),
     _f("target_raster", "simplebev", "how boxes become BEV targets: 'simplebev' = Simple-BEV's maps "
        "cell for cell (lidar-keyframe ego pose, truncated corners, cv2.fillPoly; needed for numbers "
        "comparable with the paper), 'exact' = cells whose centre is inside the footprint",
@@ -244,7 +253,7 @@ class Config(dict):
         return out
 
     def to_dict(self) -> Dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.items()}
+        return {k: (_thawed(v) if isinstance(v, (tuple, Mapping)) else v) for k, v in self.items()}
 
 
 # Names other trainers use for our flags: an unknown name is matched against these too, so
@@ -283,7 +292,7 @@ def suggest(name: str, known: Iterable[str] = FLAG_BY_NAME) -> str:
 
 # How the kinds that are not Python types read in a message.
 KIND_WORDS = {"optional_int": "an int", "optional_str_list": "str or list[str]", "resume": "True or a path",
-              "number": "a number"}
+              "number": "a number", "mapping": "a mapping (YAML: {name: {...}})"}
 
 
 def _type_error(name: str, where: str, flag: Flag, value: Any) -> ConfigError:
@@ -337,6 +346,31 @@ LIST_LENGTHS: Dict[str, Tuple[int, str]] = {
 }
 
 
+def _coerce_mapping(value: Any) -> Dict[str, Any]:
+    """A mapping flag's value as a plain dict: a mapping, YAML text of one (the command line), or empty."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise TypeError from None
+        if value is None:
+            return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise TypeError
+    return _thawed(value)
+
+
+def _thawed(value: Any) -> Any:
+    """A plain copy (dicts and lists) of nested mappings / sequences, e.g. of a section's frozen value."""
+    if isinstance(value, Mapping):
+        return {str(k): _thawed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_thawed(v) for v in value]
+    return value
+
+
 def coerce(name: str, value: Any, where: str = "flag", flag: Flag | None = None) -> Any:
     """Check and convert one value against the flag's type; ConfigError names the flag.
     ``flag``: a flag of another table than FLAGS (eval's own)."""
@@ -362,6 +396,8 @@ def coerce(name: str, value: Any, where: str = "flag", flag: Flag | None = None)
                 value = list(value)
             else:
                 raise TypeError
+        elif flag.kind == "mapping":
+            value = _coerce_mapping(value)
         elif flag.kind == "resume":
             if value is True or value is False or value is None:
                 value = True if value else ""
@@ -475,6 +511,10 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError("flag 'use_metaradar': True needs --use_radar=True (metaradar adds radar features)")
     if not 0 <= cfg.refcam_id < cfg.ncams:
         raise ConfigError(f"flag 'refcam_id' must be in [0, ncams={cfg.ncams}), got {cfg.refcam_id}")
+    try:
+        resolve_classes(cfg.classes, cfg.class_groups)
+    except ClassSpecError as e:
+        raise ConfigError(f"flag 'classes' / 'class_groups': {e}") from None
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"flag 'device' must be auto, cpu, cuda or cuda:N, got {dev!r}")
@@ -560,8 +600,28 @@ def dump_yaml(cfg: Mapping[str, Any]) -> str:
 S = TypeVar("S", bound="_Section")
 
 
+class FrozenMapping(dict):
+    """A read-only, hashable dict: how a section holds a mapping flag (class_groups), so that sections stay
+    hashable values; it reads like a dict (``resolve_classes`` takes it as is)."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("a section's mapping is read-only; use section.replace(...)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _read_only  # type: ignore
+
+    def __reduce__(self):
+        return FrozenMapping, (dict(self),)
+
+
 def _frozen(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+    if isinstance(value, Mapping):
+        return FrozenMapping({k: _frozen(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 class _Section:
@@ -614,6 +674,7 @@ class DataConfig(_Section):
     bounds: Tuple[float, ...]
     scene_centroid: Tuple[float, ...]
     classes: Tuple[str, ...]
+    class_groups: Mapping[str, Any]
     cache_dir: str
     seed: int
     compat: str

@@ -69,6 +69,8 @@ def test_contract_val(synthetic_root, cache):
     for key, shape in shapes.items():
         assert out[key].shape == shape and out[key].dtype == torch.float32, key
     assert out["box_visibility"].shape == (64,) and out["box_visibility"].dtype == torch.int64
+    n = int(out["box_count"])
+    assert out["box_class"].dtype == torch.int64 and out["box_class"].tolist() == [0] * n + [-1] * (64 - n)
     assert out["cam_ids"].tolist() == [1, 0, 2, 3, 4, 5]  # reference camera (CAM_FRONT) first
     # the reference frame is the reference camera itself under the exact raster (under simplebev it
     # sits on the lidar keyframe's ego pose: test_cams_T_ref_places_each_camera_at_its_own_capture_pose)

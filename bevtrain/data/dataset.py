@@ -60,9 +60,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bevtrain import geometry
+from bevtrain.classes import MAP_LINE_LAYERS, map_indices, object_indices, resolve_classes
 from bevtrain.config import DataConfig
 from bevtrain.data import augment, points, targets
-from bevtrain.data.index import CAMERA_NAMES, LIDAR_NAME, RADAR_NAMES, load_index
+from bevtrain.data.index import (
+    CAMERA_NAMES,
+    LIDAR_NAME,
+    RADAR_NAMES,
+    category_names,
+    load_index,
+    load_map_geometry,
+)
 
 __all__ = ["NuScenesBEVDataset", "make_loader", "CAMERA_NAMES", "EpochSampler", "BadSampleLog"]
 
@@ -146,6 +154,11 @@ def check_data_settings(data: DataConfig) -> None:
         raise ValueError(f"compat={data.compat!r}; valid: none, simplebev")
     if data.bad_samples not in BAD_SAMPLE_MODES:
         raise ValueError(f"bad_samples={data.bad_samples!r} must be one of {list(BAD_SAMPLE_MODES)}")
+    resolve_classes(data.classes, data.class_groups)  # ClassSpecError (a ValueError) naming the class
+
+
+class ClassMatchError(ValueError):
+    """An object output whose categories match no category of the dataroot."""
 
 
 class NuScenesBEVDataset(Dataset):
@@ -170,6 +183,12 @@ class NuScenesBEVDataset(Dataset):
             raise ValueError(f"split {split!r} of dset {data.dset!r} in {data.data_dir} has no samples")
         self.dataroot = self.index_info["dataroot"]
         self._read_settings(data)
+        self._check_object_classes()
+        # {location: packed map-expansion geometry} of the locations this split uses (map outputs only)
+        self.map_geometry: Dict[str, dict] = {}
+        if self.map_channels:
+            locations = {rec["location"] for rec in self.records}
+            self.map_geometry = load_map_geometry(self.dataroot, locations, cache_dir=data.cache_dir or None)
         self.epoch = 0
         # position -> {"index", "token", "scene", "reason"} of samples known to be bad (in a loader
         # worker this grows with what the worker finds; the outcome never depends on it)
@@ -190,7 +209,10 @@ class NuScenesBEVDataset(Dataset):
         self.use_metaradar = data.use_metaradar
         self.radar_features = data.radar_features
         self.get_tids = data.get_tids
-        self.classes = tuple(data.classes)
+        # The output channels (bevtrain.classes): object groups drawn from boxes, map layers from the map.
+        self.outputs = resolve_classes(data.classes, data.class_groups)
+        self.object_channels = object_indices(self.outputs)
+        self.map_channels = map_indices(self.outputs)
         self.seed = int(data.seed)
         # compat='simplebev': intrinsics in Simple-BEV's convention, and its PIL NEAREST val resize.
         self.compat = data.compat
@@ -205,6 +227,19 @@ class NuScenesBEVDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def _check_object_classes(self) -> None:
+        """Every object output must match some category of the dataroot's category table."""
+        if not self.object_channels:
+            return
+        known = category_names(self.dataroot, self.index_info["version"])
+        for c in (self.outputs[i] for i in self.object_channels):
+            if not any(c.matches_category(k) for k in known):
+                raise ClassMatchError(
+                    f"class '{c.name}' (categories {list(c.sources)}) matches no category of {self.dataroot}/"
+                    f"{self.index_info['version']}/category.json; the categories are: {', '.join(known)}. "
+                    f"Name a category or a dotted prefix of one (e.g. 'vehicle' for every vehicle.*)"
+                )
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch used for samples requested by a plain int index (the loader passes its own)."""
@@ -389,17 +424,34 @@ class NuScenesBEVDataset(Dataset):
         return out
 
     def _targets(self, rec, ref_T_global, flip_x, flip_z, mirror, ego_T_refcam) -> dict:
+        """seg / valid (C,Z,X), one channel per output; center (1,Z,X) and offset (2,Z,X) of the boxes of
+        all object outputs together (class-agnostic instances); those boxes for drawing (README 'Targets')."""
         boxes = rec["boxes"]
-        keep = targets.class_mask(boxes["category"], self.classes)
+        objects = [self.outputs[c] for c in self.object_channels]
+        member = np.zeros((len(objects), len(boxes["category"])), bool)  # (K,N) box n in object output k
+        for k, c in enumerate(objects):
+            member[k] = targets.class_mask(boxes["category"], c.sources)
+        keep = member.any(axis=0)
         center = boxes["center"][keep]
         corners_g = targets.box_corners(center, boxes["wlh"][keep], boxes["rotation"][keep])
         rot, t = ref_T_global[:3, :3], ref_T_global[:3, 3]
         corners = corners_g @ rot.T + t  # (N,8,3) ref frame (before the mirror)
         centers = center @ rot.T + t
         vis = boxes["visibility"][keep]
-        seg, valid, ctr, off = targets.rasterise(
-            self.target_raster, boxes, keep, ref_T_global, rec["global_T_ego_lidar"], ego_T_refcam, self.vox
-        )
+        raster = (self.target_raster, boxes)
+        frames = (ref_T_global, rec["global_T_ego_lidar"], ego_T_refcam, self.vox)
+        seg, valid, ctr, off = targets.rasterise(*raster, keep, *frames)
+        if len(self.outputs) > 1 or not objects:
+            # One channel per output; a single object output is the union drawn above.
+            per_object = [(seg[0], valid[0])] if len(objects) == 1 else [
+                targets.rasterise(*raster, member[k], *frames)[:2] for k in range(len(objects))
+            ]
+            shape = (len(self.outputs), self.vox.Z, self.vox.X)
+            seg, valid = np.zeros(shape, np.float32), np.ones(shape, np.float32)  # (C,Z,X)
+            for c, (seg_c, valid_c) in zip(self.object_channels, per_object):
+                seg[c], valid[c] = seg_c, valid_c
+            for c, mask in self._map_masks(rec, ref_T_global).items():
+                seg[c] = mask
         if flip_x:  # X is the last axis of (C, Z, X)
             seg, valid, ctr, off = (np.flip(a, axis=-1) for a in (seg, valid, ctr, off))
             off = off * np.array([-1.0, 1.0], dtype=np.float32)[:, None, None]
@@ -414,6 +466,10 @@ class NuScenesBEVDataset(Dataset):
         box_corners[:n] = corners[order]
         box_vis = np.zeros(MAX_BOXES, np.int64)
         box_vis[:n] = vis[order]
+        box_class = np.full(MAX_BOXES, -1, np.int64)
+        if n:  # the first object output (channel) each box belongs to
+            first = member[:, keep].argmax(axis=0)
+            box_class[:n] = np.asarray(self.object_channels, np.int64)[first[order]]
         out = {
             "seg_bev": torch.from_numpy(np.ascontiguousarray(seg, dtype=np.float32)),  # (1,Z,X)
             "valid_bev": torch.from_numpy(np.ascontiguousarray(valid, dtype=np.float32)),  # (1,Z,X)
@@ -422,12 +478,29 @@ class NuScenesBEVDataset(Dataset):
             "box_corners": torch.from_numpy(box_corners),  # (N,8,3)
             "box_count": torch.tensor(n, dtype=torch.int64),
             "box_visibility": torch.from_numpy(box_vis),  # (N,)
+            "box_class": torch.from_numpy(box_class),  # (N,) channel of each box, -1 for padding
         }
         if self.get_tids:
             inst = [tok for tok, k in zip(boxes["instance"], keep) if k]
             tids = np.full(MAX_BOXES, -1, np.int64)
             tids[:n] = [int(inst[i][:15], 16) for i in order]  # 60-bit id from the instance token
             out["box_tids"] = torch.from_numpy(tids)
+        return out
+
+    def _map_masks(self, rec, ref_T_global) -> Dict[int, np.ndarray]:
+        """{channel: (Z,X) uint8} of the map outputs in the reference frame (before any mirror): the union
+        of each output's layers, each layer drawn once (targets.map_layer_mask)."""
+        layers = self.map_geometry[rec["location"]]["layers"] if self.map_channels else {}
+        drawn: Dict[str, np.ndarray] = {}
+        out = {}
+        for c in self.map_channels:
+            mask = np.zeros((self.vox.Z, self.vox.X), np.uint8)
+            for layer in self.outputs[c].sources:
+                if layer not in drawn:
+                    drawn[layer] = targets.map_layer_mask(layers[layer], ref_T_global, self.vox,
+                                                          line=layer in MAP_LINE_LAYERS)
+                mask |= drawn[layer]
+            out[c] = mask
         return out
 
     def _radar(self, rec, ref_T_global, flip_x, flip_z, ref_time) -> dict:

@@ -6,7 +6,7 @@ object (for trainval that object costs GBs per worker).
 
 Record layout (one dict per keyframe sample; all matrices float64, metres, ``dst_T_src``)::
 
-    token, scene_name, timestamp (us)
+    token, scene_name, location (the log's map location), timestamp (us)
     global_T_ego_lidar  (4,4)   ego pose at the LIDAR_TOP keyframe (the sample's ego)
     cams[name] = dict(path, width, height, timestamp,
                       pix_T_cam (4,4), ego_T_cam (4,4), global_T_ego (4,4) at the image's timestamp)
@@ -52,7 +52,10 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-INDEX_FORMAT = 3  # 2: sweeps carry global_T_ego; 3: calibration / pose / box checks (info["problems"])
+from bevtrain.classes import MAP_LINE_LAYERS, MAP_POLYGON_LAYERS
+
+INDEX_FORMAT = 4  # 2: sweeps carry global_T_ego; 3: calibration / pose / box checks (info["problems"]);
+#                  4: records carry their location
 CAMERA_NAMES = [
     "CAM_FRONT_LEFT",
     "CAM_FRONT",
@@ -396,6 +399,7 @@ def _boxes_entry(tables: _Tables, ann_tokens: Sequence[str], problems: _Problems
 def _sample_record(tables: _Tables, sample: dict, scene_name: str, nsweeps: int) -> Tuple[dict, _Problems]:
     """One keyframe's record (layout in the module docstring) and its problems."""
     data = sample["data"]
+    scene = tables.get("scene", sample["scene_token"])
     problems = _Problems()
     lidar_sd = tables.get("sample_data", data[LIDAR_NAME])
     global_T_ego_lidar, bad = tables.ego_pose(lidar_sd["ego_pose_token"])
@@ -403,6 +407,7 @@ def _sample_record(tables: _Tables, sample: dict, scene_name: str, nsweeps: int)
     rec = {
         "token": sample["token"],
         "scene_name": scene_name,
+        "location": tables.get("log", scene["log_token"])["location"],
         "timestamp": int(sample["timestamp"]),
         "global_T_ego_lidar": global_T_ego_lidar,
         "cams": {cam: _camera_entry(tables, data[cam], cam, problems) for cam in CAMERA_NAMES},
@@ -508,3 +513,170 @@ def load_index(
         mb = packed.nbytes / 1e6
         print(f"[bevtrain] index: {len(packed)} samples in {info['seconds']:.1f}s ({mb:.1f} MB)")
     return packed, info
+
+
+# -- categories ------------------------------------------------------------------------------------
+def category_names(dataroot, version: str) -> List[str]:
+    """The category names of a dataroot's ``category`` table (a small file, read without the devkit)."""
+    path = Path(dataroot) / version / "category.json"
+    try:
+        with open(path) as f:
+            return sorted(str(c["name"]) for c in json.load(f))
+    except json.JSONDecodeError as e:
+        raise DataTableError(f"nuScenes table not valid JSON: {path}: {e.msg} at line {e.lineno}") from None
+
+
+# -- map expansion ---------------------------------------------------------------------------------
+# The nuScenes map expansion: one JSON per location under <dataroot>/maps/expansion/, read through the
+# devkit's NuScenesMap once per location and kept as compact vector geometry (global x, y in metres)
+# beside the index, so that loader workers rasterise map targets without the devkit.
+MAP_EXPANSION_VERSION = "1.3"
+MAP_EXPANSION_DOWNLOAD = "nuScenes-map-expansion-v1.3"
+MAP_CACHE_FORMAT = 1
+# The layers kept: every layer an output may draw from (bevtrain.classes).
+MAP_LAYERS = MAP_POLYGON_LAYERS + MAP_LINE_LAYERS
+
+
+class MapExpansionError(ValueError):
+    """A map expansion file needed for map-layer outputs is missing, cut short or not a v1.3 file."""
+
+
+def expansion_path(dataroot, location: str) -> Path:
+    return Path(dataroot) / "maps" / "expansion" / f"{location}.json"
+
+
+def _expansion_help(dataroot) -> str:
+    return (f"Map layers need the nuScenes map expansion v{MAP_EXPANSION_VERSION}: download "
+            f"'{MAP_EXPANSION_DOWNLOAD}' (nuscenes.org/nuscenes#download, 'Map expansion') and extract its "
+            f"expansion/*.json into {Path(dataroot) / 'maps' / 'expansion'}/")
+
+
+def expansion_problem(dataroot, location: str) -> str | None:
+    """Why the expansion file of ``location`` cannot be used (without the devkit: existence, JSON, version
+    and the layer tables), or None. Reads the whole file."""
+    path = expansion_path(dataroot, location)
+    if not path.is_file():
+        return f"{path} does not exist (location '{location}')"
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        return (f"{path} is not valid JSON (cut short or corrupted?): {e.msg} at line {e.lineno} column "
+                f"{e.colno} of {path.stat().st_size} bytes")
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{path} cannot be read: {e}"
+    if not isinstance(data, dict):
+        return f"{path} is not a map expansion file (a JSON object with the map's tables)"
+    version = str(data.get("version", "1.0"))
+    if version < MAP_EXPANSION_VERSION:
+        return f"{path} is map expansion version {version}; version {MAP_EXPANSION_VERSION} is needed"
+    missing = [k for k in ("node", "line", "polygon", "canvas_edge") + MAP_LAYERS if k not in data]
+    if missing:
+        return f"{path} has no {', '.join(missing)} table(s): not a complete v{MAP_EXPANSION_VERSION} file"
+    return None
+
+
+def _ring_xy(ring) -> np.ndarray:
+    xy = np.asarray(ring.coords, dtype=np.float64)[:, :2]
+    return xy[:-1] if len(xy) > 1 and np.array_equal(xy[0], xy[-1]) else xy  # shapely closes rings
+
+
+def _pack(parts: List[List[np.ndarray]]) -> dict:
+    """Shapes (each a list of point arrays: a polygon's exterior then holes, or one line) as flat arrays:
+    xy float64 (V,2); ring_start (R+1,) into xy; shape_start (S+1,) into the rings; bbox (S,4) float64
+    x0, y0, x1, y1."""
+    rings = [r for shape in parts for r in shape]
+    ring_start = np.zeros(len(rings) + 1, np.int64)
+    ring_start[1:] = np.cumsum([len(r) for r in rings])
+    shape_start = np.zeros(len(parts) + 1, np.int64)
+    shape_start[1:] = np.cumsum([len(shape) for shape in parts])
+    xy = np.concatenate(rings) if rings else np.zeros((0, 2))
+    bbox = np.array([[*shape[0].min(axis=0), *shape[0].max(axis=0)] for shape in parts]).reshape(-1, 4)
+    return {"xy": xy, "ring_start": ring_start, "shape_start": shape_start, "bbox": bbox}
+
+
+def build_map_geometry(dataroot, location: str) -> dict:
+    """Every layer of MAP_LAYERS of one location as the devkit's ``get_map_mask`` sees it (its polygons
+    in layer order, drivable_area's several per record, invalid polygons of the other layers left out as
+    the devkit leaves them out; lines without nodes left out), packed by ``_pack``, in global metres."""
+    from nuscenes.map_expansion.map_api import NuScenesMap, locations
+
+    path = expansion_path(dataroot, location)
+    if location not in locations:
+        raise MapExpansionError(f"location '{location}' (log table of {dataroot}) is not one of the devkit's "
+                                f"map locations {locations}: NuScenesMap cannot read {path}")
+    bad = expansion_problem(dataroot, location)
+    if bad:
+        raise MapExpansionError(f"{bad}. {_expansion_help(dataroot)}")
+    nmap = NuScenesMap(dataroot=str(dataroot), map_name=location)
+    layers = {}
+    for layer in MAP_POLYGON_LAYERS:
+        shapes = []
+        for rec in getattr(nmap, layer):
+            if layer == "drivable_area":
+                polygons = [nmap.extract_polygon(t) for t in rec["polygon_tokens"]]
+            else:
+                polygons = [p for p in [nmap.extract_polygon(rec["polygon_token"])] if p.is_valid]
+            for poly in polygons:
+                if not poly.is_empty:
+                    shapes.append([_ring_xy(poly.exterior)] + [_ring_xy(h) for h in poly.interiors])
+        layers[layer] = _pack(shapes)
+    for layer in MAP_LINE_LAYERS:
+        shapes = []
+        for rec in getattr(nmap, layer):
+            line = nmap.extract_line(rec["line_token"])
+            if not line.is_empty:
+                shapes.append([np.asarray(line.coords, dtype=np.float64)[:, :2]])
+        layers[layer] = _pack(shapes)
+    return {"location": location, "version": nmap.version, "layers": layers}
+
+
+def _map_cache_key(path: Path) -> str:
+    st = path.stat()
+    payload = repr((MAP_CACHE_FORMAT, str(path.resolve()), st.st_size, st.st_mtime_ns))
+    return hashlib.sha1(payload.encode()).hexdigest()[:20]
+
+
+def load_map_geometry(dataroot, locations: Sequence[str], cache_dir=None, verbose: bool = True
+                      ) -> Dict[str, dict]:
+    """{location: build_map_geometry(...)} from the on-disk cache (one file per location, rebuilt when its
+    expansion file changes). A MapExpansionError lists every location whose file is missing or unusable,
+    before anything is built."""
+    root = Path(dataroot).expanduser()
+    locations = sorted(set(locations))
+    missing = [loc for loc in locations if not expansion_path(root, loc).is_file()]
+    if missing:
+        files = ", ".join(str(expansion_path(root, loc)) for loc in missing)
+        raise MapExpansionError(f"map-layer outputs need the map expansion of location(s) {missing} that "
+                                f"this split uses, but {files} do(es) not exist. {_expansion_help(root)}")
+    cdir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    out = {}
+    for loc in locations:
+        path = cdir / f"map_{loc}_{_map_cache_key(expansion_path(root, loc))}.pkl"
+        try:
+            with open(path, "rb") as f:
+                blob = pickle.load(f)
+            if blob.get("format") == MAP_CACHE_FORMAT:
+                out[loc] = blob["geometry"]
+                continue
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, AttributeError):
+            pass  # no or unreadable cache: build it
+        t0 = time.perf_counter()
+        if verbose:
+            print(f"[bevtrain] reading the map expansion of {loc} (once; cached in {cdir})")
+        geometry = build_map_geometry(root, loc)
+        cdir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cdir, prefix=".tmp_map_")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                blob = {"format": MAP_CACHE_FORMAT, "geometry": geometry}
+                pickle.dump(blob, f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if verbose:
+            mb, seconds = path.stat().st_size / 1e6, time.perf_counter() - t0
+            print(f"[bevtrain] map {loc}: {mb:.2f} MB in {seconds:.1f}s")
+        out[loc] = geometry
+    return out

@@ -303,3 +303,62 @@ def rasterise(
     corners = box_corners(center_g, wlh, rot) @ ref_T_global[:3, :3].T + ref_T_global[:3, 3]
     centers = center_g @ ref_T_global[:3, :3].T + ref_T_global[:3, 3]
     return bev_targets(corners, centers, vis, vox)
+
+
+# -- map layers ---------------------------------------------------------------------------------------
+# Map-expansion layers are drawn as the devkit's NuScenesMap.get_map_mask draws them (BEVFusion's ground
+# truth): polygon vertices rounded to the nearest cell centre and filled with cv2.fillPoly (each polygon's
+# exterior, then its holes cleared, polygons in layer order); lines as cv2.polylines MAP_LINE_THICKNESS
+# cells thick (about 1 m on the default 0.5 m grid). The devkit truncates line vertices where we round
+# them: its lines may sit one cell off ours.
+MAP_LINE_THICKNESS = 2  # cells (cv2 thickness), the devkit's
+
+
+def _window_in_global(global_T_ref: np.ndarray, vox: Vox_util, margin: float) -> np.ndarray:
+    """(x0, y0, x1, y1): the global ground-plane box around the grid's ground rectangle, grown by margin m."""
+    xs, zs = (vox.xmin, vox.xmax), (vox.zmin, vox.zmax)
+    corners = np.array([[x, 0.0, z] for x in xs for z in zs])  # (4,3) ref frame
+    g = corners @ global_T_ref[:3, :3].T + global_T_ref[:3, 3]
+    return np.array([*(g[:, :2].min(axis=0) - margin), *(g[:, :2].max(axis=0) + margin)])
+
+
+def map_layer_mask(layer: dict, ref_T_global: np.ndarray, vox: Vox_util, line: bool) -> np.ndarray:
+    """(Z,X) uint8 mask of one map layer (``index.build_map_geometry``'s packed shapes, global metres) in
+    the frame ``ref_T_global`` (map points at global z = 0), cells as the module's map-layer rule says."""
+    mask = np.zeros((vox.Z, vox.X), np.uint8)
+    if len(layer["bbox"]) == 0:
+        return mask
+    global_T_ref = np.eye(4)
+    global_T_ref[:3, :3] = ref_T_global[:3, :3].T
+    global_T_ref[:3, 3] = -ref_T_global[:3, :3].T @ ref_T_global[:3, 3]
+    cell = max(vox.vox_size_x, vox.vox_size_z)
+    x0, y0, x1, y1 = _window_in_global(global_T_ref, vox, margin=(MAP_LINE_THICKNESS + 1) * cell)
+    bbox = layer["bbox"]
+    hits = np.flatnonzero((bbox[:, 0] <= x1) & (bbox[:, 2] >= x0) & (bbox[:, 1] <= y1) & (bbox[:, 3] >= y0))
+    if len(hits) == 0:
+        return mask
+    ring_start, shape_start = layer["ring_start"], layer["shape_start"]
+    first_ring, end_ring = shape_start[hits], shape_start[hits + 1]
+    v0, v1 = ring_start[first_ring], ring_start[end_ring]  # each hit shape's vertex range
+    take = np.concatenate([np.arange(a, b) for a, b in zip(v0, v1)])
+    xy = layer["xy"][take]  # (V,2) global
+    rot, t = ref_T_global[:3, :3], ref_T_global[:3, 3]
+    x_ref = xy[:, 0] * rot[0, 0] + xy[:, 1] * rot[0, 1] + t[0]
+    z_ref = xy[:, 0] * rot[2, 0] + xy[:, 1] * rot[2, 1] + t[2]
+    cols = (x_ref - vox.xmin) / vox.vox_size_x - 0.5  # continuous cell coordinates, integer at centres
+    rows = (z_ref - vox.zmin) / vox.vox_size_z - 0.5
+    pts = np.round(np.stack([cols, rows], axis=1)).astype(np.int32)  # (V,2) col,row
+    base = 0
+    for r0, r1 in zip(first_ring, end_ring):
+        rings = []
+        for r in range(r0, r1):
+            n = int(ring_start[r + 1] - ring_start[r])
+            rings.append(pts[base : base + n].reshape(-1, 1, 2))
+            base += n
+        if line:
+            cv2.polylines(mask, rings, False, 1, MAP_LINE_THICKNESS)
+        else:
+            cv2.fillPoly(mask, rings[:1], 1)
+            if len(rings) > 1:
+                cv2.fillPoly(mask, rings[1:], 0)
+    return mask
