@@ -306,11 +306,15 @@ def rasterise(
 
 
 # -- map layers ---------------------------------------------------------------------------------------
-# Map-expansion layers are drawn as the devkit's NuScenesMap.get_map_mask draws them (BEVFusion's ground
-# truth): polygon vertices rounded to the nearest cell centre and filled with cv2.fillPoly (each polygon's
-# exterior, then its holes cleared, polygons in layer order); lines as cv2.polylines MAP_LINE_THICKNESS
-# cells thick (about 1 m on the default 0.5 m grid). The devkit truncates line vertices where we round
-# them: its lines may sit one cell off ours.
+# Map-expansion layers are drawn cell for cell as the devkit's NuScenesMap.get_map_mask draws them (the
+# ground truth of BEVFusion's map segmentation) on the patch whose pixel centres are our cell centres: its
+# canvas has rows to the left and columns forward (continuous u = our row, v = X - 1 - our column). Every
+# shape is clipped to the patch (0 <= u <= Z, 0 <= v <= X). Polygons then get their vertices rounded and
+# are filled with cv2.fillPoly (exterior, then holes cleared, polygons in layer order); lines get their
+# vertices truncated and are drawn with cv2.polylines MAP_LINE_THICKNESS cells thick (a band about three
+# cells, 1.5 m, across on the default 0.5 m grid). Where a line leaves the patch through its far sides
+# (u = Z or v = X) the devkit's own float rounding puts that end at Z or just below (truncated to Z - 1),
+# so the last cells of such a line may sit a cell off the devkit's.
 MAP_LINE_THICKNESS = 2  # cells (cv2 thickness), the devkit's
 
 
@@ -322,43 +326,86 @@ def _window_in_global(global_T_ref: np.ndarray, vox: Vox_util, margin: float) ->
     return np.array([*(g[:, :2].min(axis=0) - margin), *(g[:, :2].max(axis=0) + margin)])
 
 
+def _clipped_polygon(rings: list, hi: tuple) -> tuple:
+    """(exteriors, holes): a polygon's rings (exterior first, (n,2) each) clipped to [0, hi[0]] x [0, hi[1]]
+    as the devkit clips it (shapely's intersection, which may leave several parts)."""
+    lo = np.min(rings[0], axis=0)
+    top = np.max(rings[0], axis=0)
+    if (lo >= 0).all() and top[0] <= hi[0] and top[1] <= hi[1]:
+        return rings[:1], rings[1:]
+    from shapely.errors import GEOSException
+    from shapely.geometry import Polygon, box
+
+    poly = Polygon(rings[0], [r for r in rings[1:] if len(r) >= 3])
+    try:
+        part = poly.intersection(box(0.0, 0.0, hi[0], hi[1]))
+    except GEOSException:  # a self-intersecting polygon: its valid equivalent
+        part = poly.buffer(0).intersection(box(0.0, 0.0, hi[0], hi[1]))
+    parts = [g for g in getattr(part, "geoms", [part]) if g.geom_type == "Polygon" and not g.is_empty]
+    return ([np.asarray(g.exterior.coords) for g in parts],
+            [np.asarray(h.coords) for g in parts for h in g.interiors])
+
+
+def _clip_segments(pts: np.ndarray, hi: tuple) -> np.ndarray:
+    """(k,2,2) pieces of a polyline (n,2) inside [0, hi[0]] x [0, hi[1]] (Liang-Barsky per segment), points
+    clipped onto a side exactly on it."""
+    p, d = pts[:-1], pts[1:] - pts[:-1]
+    t0, t1 = np.zeros(len(p)), np.ones(len(p))
+    for axis in (0, 1):
+        for bound, sign in ((0.0, 1.0), (hi[axis], -1.0)):
+            num, den = sign * (p[:, axis] - bound), -sign * d[:, axis]  # inside where num - t * den >= 0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                t = num / den
+            t0 = np.where(den < 0, np.maximum(t0, t), t0)  # entering across this side
+            t1 = np.where(den > 0, np.minimum(t1, t), t1)  # leaving across it
+            t1 = np.where((den == 0) & (num < 0), -1.0, t1)  # parallel to the side, outside it
+    ok = t0 <= t1
+    pieces = np.stack([p[ok] + t0[ok, None] * d[ok], p[ok] + t1[ok, None] * d[ok]], axis=1)  # (k,2,2)
+    for axis in (0, 1):
+        for bound in (0.0, hi[axis]):
+            pieces[..., axis][np.abs(pieces[..., axis] - bound) < 1e-6] = bound
+    return pieces
+
+
 def map_layer_mask(layer: dict, ref_T_global: np.ndarray, vox: Vox_util, line: bool) -> np.ndarray:
     """(Z,X) uint8 mask of one map layer (``index.build_map_geometry``'s packed shapes, global metres) in
     the frame ``ref_T_global`` (map points at global z = 0), cells as the module's map-layer rule says."""
-    mask = np.zeros((vox.Z, vox.X), np.uint8)
+    canvas = np.zeros((vox.X, vox.Z), np.uint8)  # the devkit's: rows v (left), columns u (forward)
     if len(layer["bbox"]) == 0:
-        return mask
+        return np.ascontiguousarray(canvas[::-1].T)
     global_T_ref = np.eye(4)
     global_T_ref[:3, :3] = ref_T_global[:3, :3].T
     global_T_ref[:3, 3] = -ref_T_global[:3, :3].T @ ref_T_global[:3, 3]
     cell = max(vox.vox_size_x, vox.vox_size_z)
-    x0, y0, x1, y1 = _window_in_global(global_T_ref, vox, margin=(MAP_LINE_THICKNESS + 1) * cell)
+    x0, y0, x1, y1 = _window_in_global(global_T_ref, vox, margin=2 * cell)
     bbox = layer["bbox"]
     hits = np.flatnonzero((bbox[:, 0] <= x1) & (bbox[:, 2] >= x0) & (bbox[:, 1] <= y1) & (bbox[:, 3] >= y0))
-    if len(hits) == 0:
-        return mask
     ring_start, shape_start = layer["ring_start"], layer["shape_start"]
     first_ring, end_ring = shape_start[hits], shape_start[hits + 1]
-    v0, v1 = ring_start[first_ring], ring_start[end_ring]  # each hit shape's vertex range
-    take = np.concatenate([np.arange(a, b) for a, b in zip(v0, v1)])
-    xy = layer["xy"][take]  # (V,2) global
-    rot, t = ref_T_global[:3, :3], ref_T_global[:3, 3]
-    x_ref = xy[:, 0] * rot[0, 0] + xy[:, 1] * rot[0, 1] + t[0]
-    z_ref = xy[:, 0] * rot[2, 0] + xy[:, 1] * rot[2, 1] + t[2]
-    cols = (x_ref - vox.xmin) / vox.vox_size_x - 0.5  # continuous cell coordinates, integer at centres
-    rows = (z_ref - vox.zmin) / vox.vox_size_z - 0.5
-    pts = np.round(np.stack([cols, rows], axis=1)).astype(np.int32)  # (V,2) col,row
-    base = 0
+    if len(hits):
+        v0, v1 = ring_start[first_ring], ring_start[end_ring]  # each hit shape's vertex range
+        xy = layer["xy"][np.concatenate([np.arange(a, b) for a, b in zip(v0, v1)])]  # (V,2) global
+        rot, t = ref_T_global[:3, :3], ref_T_global[:3, 3]
+        x_ref = xy[:, 0] * rot[0, 0] + xy[:, 1] * rot[0, 1] + t[0]
+        z_ref = xy[:, 0] * rot[2, 0] + xy[:, 1] * rot[2, 1] + t[2]
+        u = (z_ref - vox.zmin) / vox.vox_size_z - 0.5  # our continuous row (cell centres at integers)
+        v = vox.X - 1 - ((x_ref - vox.xmin) / vox.vox_size_x - 0.5)  # X - 1 - our continuous column
+        uv = np.stack([u, v], axis=1)
+    hi, base = (float(vox.Z), float(vox.X)), 0
     for r0, r1 in zip(first_ring, end_ring):
         rings = []
         for r in range(r0, r1):
             n = int(ring_start[r + 1] - ring_start[r])
-            rings.append(pts[base : base + n].reshape(-1, 1, 2))
+            rings.append(uv[base : base + n])
             base += n
         if line:
-            cv2.polylines(mask, rings, False, 1, MAP_LINE_THICKNESS)
-        else:
-            cv2.fillPoly(mask, rings[:1], 1)
-            if len(rings) > 1:
-                cv2.fillPoly(mask, rings[1:], 0)
-    return mask
+            pieces = _clip_segments(rings[0], hi)
+            if len(pieces):  # (int32 truncates, as the devkit's does)
+                cv2.polylines(canvas, list(pieces.astype(np.int32)), False, 1, MAP_LINE_THICKNESS)
+            continue
+        exteriors, holes = _clipped_polygon(rings, hi)
+        if exteriors:
+            cv2.fillPoly(canvas, [np.round(e).astype(np.int32) for e in exteriors], 1)
+        if holes:
+            cv2.fillPoly(canvas, [np.round(h).astype(np.int32) for h in holes], 0)
+    return np.ascontiguousarray(canvas[::-1].T)

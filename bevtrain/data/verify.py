@@ -13,7 +13,10 @@ What is checked (the same index the dataset reads, so the same files):
 - radar ``.pcd``: a readable binary PCD header and a payload of the header's point count (plus
   fewer than one point's bytes: nuScenes' files end with one extra byte);
 - calibrations, ego poses and boxes: finite, unit quaternions, fx, fy > 0 (checked when the index is
-  built; see ``index.py``); a table that is not valid JSON.
+  built; see ``index.py``); a table that is not valid JSON;
+- the map expansion (``maps/expansion/<location>.json``, v1.3) of every location the splits use, when the
+  dataroot has a ``maps/expansion/`` folder (without one, map-layer classes are unavailable: said, not
+  counted as a problem).
 
 Files run in parallel over ``--nworkers`` processes with a progress bar; the summary gives counts per
 problem and the first offenders with their paths and samples. Exit status 0 when everything is
@@ -34,7 +37,15 @@ import cv2
 
 from bevtrain.cli import ArgumentParser
 from bevtrain.data import augment, points
-from bevtrain.data.index import CAMERA_NAMES, LIDAR_NAME, DataLayoutError, DataTableError, load_index
+from bevtrain.data.index import (
+    CAMERA_NAMES,
+    LIDAR_NAME,
+    DataLayoutError,
+    DataTableError,
+    expansion_path,
+    expansion_problem,
+    load_index,
+)
 from bevtrain.progress import Progress
 
 LIDAR_RECORD_BYTES = 5 * 4  # x, y, z, intensity, ring as float32
@@ -50,6 +61,7 @@ PROBLEM_TITLES = {
     "ego_pose": "ego pose not finite",
     "sample_annotation": "box not finite",
     "table": "table not valid JSON",
+    "map_expansion": "map expansion missing or unusable",
 }
 CHUNK = 16  # files per task: small enough for a smooth progress bar, large enough to amortise IPC
 
@@ -160,6 +172,21 @@ def _check_chunk(args) -> List[Tuple[str, Tuple[str, str] | None]]:
     return out
 
 
+def check_map_expansion(dataroot: str, locations) -> Tuple[List[Tuple[str, str, str]], str]:
+    """(problems [(path, '', message)], note): the expansion file of every location, checked when the
+    dataroot has maps/expansion/ at all; the note says what was checked (or that map layers are off)."""
+    folder = os.path.join(dataroot, "maps", "expansion")
+    if not os.path.isdir(folder):
+        return [], f"no {folder}/: map-layer classes unavailable (object classes unaffected)"
+    problems = []
+    for loc in sorted(locations):
+        bad = expansion_problem(dataroot, loc)
+        if bad:
+            problems.append((str(expansion_path(dataroot, loc)), "", bad))
+    names = ", ".join(sorted(locations))
+    return problems, f"map expansion checked for {len(set(locations))} location(s): {names}"
+
+
 # -- collecting what the index references ------------------------------------------------------------
 def collect(records, dataroot: str, nsweeps: int) -> Tuple[Dict[str, Job], Dict[str, str]]:
     """Files to check (path -> job, each once) and the first sample token using each path."""
@@ -216,7 +243,7 @@ def verify(data_dir: str, dset: str = "trainval", splits=("train", "val"), nswee
     jobs: Dict[str, Job] = {}
     owner: Dict[str, str] = {}
     n_samples, version, root = 0, "", data_dir
-    seen_index = set()
+    seen_index, locations = set(), set()
     for split in splits:
         try:
             records, info = load_index(data_dir, dset, split, nsweeps, cache_dir, verbose=progress)
@@ -235,10 +262,15 @@ def verify(data_dir: str, dset: str = "trainval", splits=("train", "val"), nswee
                     why = f"{p['channel']}: {p['table']} {p['token']} in {table}: {p['reason']}"
                     why += f" (needed for {p['needed_for']})"
                     problems[p["table"]].append((table, rec["token"], why))
+        locations |= {rec.get("location", "") for rec in records} - {""}
         split_jobs, split_owner = collect(records, root, nsweeps)
         for path, job in split_jobs.items():
             jobs.setdefault(path, job)
             owner.setdefault(path, split_owner[path])
+    map_problems, map_note = check_map_expansion(root, locations)
+    problems["map_expansion"].extend(map_problems)
+    if not problems["map_expansion"]:
+        del problems["map_expansion"]
     t_index = time.perf_counter() - t0
     workers = workers or os.cpu_count() or 1
     t1 = time.perf_counter()
@@ -256,7 +288,7 @@ def verify(data_dir: str, dset: str = "trainval", splits=("train", "val"), nswee
         "jpegs": counts["jpeg"], "lidar_files": counts["lidar"], "radar_files": counts["radar"],
         "seconds": time.perf_counter() - t0, "index_seconds": t_index, "file_seconds": t_files,
         "files_per_s": len(jobs) / max(t_files, 1e-9), "samples_per_s": n_samples / max(t_files, 1e-9),
-        "workers": workers, "decode_factor": decode_factor,
+        "workers": workers, "decode_factor": decode_factor, "map_note": map_note,
         "problems": {k: sorted(v, key=lambda x: x[0]) for k, v in problems.items()},
     }
     print(format_summary(summary, show), file=out or sys.stdout, flush=True)
@@ -271,6 +303,8 @@ def format_summary(s: dict, show: int = 5) -> str:
         f"{s['files_per_s']:.0f} files/s, "
         f"{s['samples_per_s']:.1f} samples/s (index {s['index_seconds']:.1f} s)"
     ]
+    if s.get("map_note"):
+        lines.append(s["map_note"])
     total = sum(len(v) for v in s["problems"].values())
     if not total:
         lines.append("all good: no problems found")

@@ -1,5 +1,6 @@
-"""The whole synthetic dataroot: parameters, scenes rendered in worker processes, the 13 tables,
-the completion marker, and `ensure_synthetic`'s generate-once-and-swap-in."""
+"""The whole synthetic dataroot: parameters, scenes rendered in worker processes, the 13 tables, each
+location's map (the v1.3 map expansion and the semantic-prior mask), the completion marker, and
+`ensure_synthetic`'s generate-once-and-swap-in."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from bevtrain.progress import Progress
 
-from . import writer
+from . import streetmap, writer
 from .catalog import ATTRIBUTES, CAMERAS, CATEGORIES, LIDAR, MINI_SCENES, RADARS, VISIBILITY, stable_hash
 
 VERSION = "v1.0-mini"
@@ -111,7 +112,9 @@ def generate(
     bar = Progress(len(jobs) * params["keyframes"], progress, label="synthetic nuScenes", unit="keyframes")
     results = _render_scenes(jobs, n_workers, bar)
     bar.close()
-    tables = _write_tables(out, results)
+    maps = _map_records(results, params["seed"])
+    tables = _write_tables(out, results, [row for _, row in maps])
+    _write_maps(out, results, maps)
     stats = _write_marker(out, params, tables, results, time.time() - start)
     (out / PARTIAL).unlink(missing_ok=True)
     if progress:
@@ -155,17 +158,46 @@ def _render_scenes(jobs: List[dict], n_workers: int, bar: Progress) -> List[dict
     return results
 
 
-def _write_tables(out: Path, results: List[dict]) -> Dict[str, list]:
-    """The 13 JSON tables: the static ones, then every scene's rows in scene order."""
+def _map_records(results: List[dict], seed: int) -> List[tuple]:
+    """(location, map table row) per location: one semantic prior shared by its logs, as in nuScenes."""
+    rows = []
+    for location in sorted({res["location"] for res in results}):
+        token = stable_hash("map", seed, location)
+        logs = [res["log_token"] for res in results if res["location"] == location]
+        rows.append((location, dict(token=token, log_tokens=logs, category="semantic_prior",
+                                    filename=f"maps/{token}.png")))
+    return rows
+
+
+def _write_tables(out: Path, results: List[dict], maps: List[dict]) -> Dict[str, list]:
+    """The 13 JSON tables: the static ones, every scene's rows in scene order, the map rows."""
     tables = _static_tables()
     for key in writer.SCENE_TABLES:
         tables[key] = [r for res in results for r in res["tables"][key]]
+    tables["map"] = maps
     table_dir = out / VERSION
     table_dir.mkdir(exist_ok=True)
     for key, rows in tables.items():
         with open(table_dir / f"{key}.json", "w") as f:
             json.dump(rows, f, indent=0)
     return tables
+
+
+def _write_maps(out: Path, results: List[dict], maps: List[tuple]) -> None:
+    """Per location: maps/expansion/<location>.json (its scenes' street maps, v1.3) and the semantic prior
+    PNG its map record names (drivable area and sidewalks, 0.1 m per pixel, as nuScenes' masks)."""
+    (out / "maps" / "expansion").mkdir(parents=True, exist_ok=True)
+    for location, row in maps:
+        parts = [res for res in results if res["location"] == location]
+        tables: Dict[str, list] = {}
+        for res in parts:
+            for key, rows in res["map_records"].items():
+                tables.setdefault(key, []).extend(rows)
+        edge = np.max([res["map_corner"] for res in parts], axis=0)
+        with open(out / "maps" / "expansion" / f"{location}.json", "w") as f:
+            json.dump(streetmap.expansion_file(tables, edge), f, separators=(",", ":"))
+        prior = [poly for res in parts for poly in res["prior"]]
+        streetmap.write_semantic_prior(out / row["filename"], prior, edge, res=0.1)
 
 
 def _write_marker(

@@ -16,7 +16,8 @@ from .world import MAP_RES, Scene
 LIDAR_BEAMS = np.radians(np.linspace(-30.67, 10.67, 32))
 LIDAR_AZIMUTHS = 600
 INTENSITY = {"vehicle": 40.0, "human": 20.0, "movable_object": 60.0}
-GROUND_INTENSITY = np.array([6.0, 14.0, 4.0, 90.0, 80.0])  # per ground label (grass, sidewalk, road, paint)
+# per ground label (streetmap: grass, sidewalk, road, white and yellow paint, car park)
+GROUND_INTENSITY = np.array([6.0, 14.0, 4.0, 90.0, 80.0, 8.0])
 
 
 def lidar_scan(

@@ -10,9 +10,11 @@ from typing import List, Tuple
 import cv2
 import numpy as np
 
+from . import streetmap
 from .catalog import (
     CYCLES,
     KEYFRAME_PERIOD_US,
+    MINI_SCENES,
     SCENE_LOCATIONS,
     SIZES,
     VEHICLES,
@@ -20,14 +22,12 @@ from .catalog import (
     stable_hash,
 )
 from .looks import Part, object_parts
+from .streetmap import LANE, ROAD_HALF, SIDEWALK_HALF
 
 # ---------------------------------------------------------------------------------------------
 # Roads
 # ---------------------------------------------------------------------------------------------
-LANE = 3.5
-ROAD_HALF = 9.5  # two lanes per direction + a parking strip of 2.5 m
-PARKING_OFFSET = 8.25
-SIDEWALK_HALF = 13.0
+PARKING_OFFSET = 8.25  # (lane, road and sidewalk widths: streetmap)
 TURN_RADIUS = 14.0
 MAP_RES = 0.1  # m per pixel for the ground texture and the map mask (nuScenes map masks: 0.1 m)
 MARGIN = 90.0  # m of ground around the roads
@@ -133,19 +133,34 @@ class ActorState:
 
 
 class Scene:
-    """One scene's world: roads, ground texture, ego motion and actors."""
+    """One scene's world: roads, street map, ground texture, ego motion and actors.
 
-    def __init__(self, name: str, seed: int, keyframes: int):
+    ``layout_only``: just the ego motion and the roads (cheap): enough for ``extent``."""
+
+    def __init__(self, name: str, seed: int, keyframes: int, layout_only: bool = False):
         self.name = name
         self.seed = seed
         self.keyframes = keyframes
         rng = seeded_rng("scene", seed, name)
+        # The street map's own stream (junction near the start, car park), so that it leaves the draws of
+        # everything else where they were.
+        map_rng = seeded_rng("streetmap", seed, name)
         self.duration = (keyframes - 1) * KEYFRAME_PERIOD_US * 1e-6
         self._make_ego_profile(rng)
-        self._make_roads(rng)
+        self._make_roads(rng, map_rng)
+        if layout_only:
+            return
+        self.streetmap = streetmap.build(self, map_rng)
         self._make_texture(rng)
         self.actors: List[Actor] = []
         self._populate(rng)
+        self._add_carpark_cars(map_rng)
+
+    @property
+    def extent(self) -> Tuple[float, float]:
+        """(width, height) in metres of the scene's ground, which starts at (0, 0) in its own coordinates."""
+        rows, cols = self.map_size
+        return cols * MAP_RES, rows * MAP_RES
 
     # ---- ego -----------------------------------------------------------------------------
     def _make_ego_profile(self, rng):
@@ -172,7 +187,7 @@ class Scene:
         return np.interp(t, self._t_grid, self._s_grid)
 
     # ---- roads ---------------------------------------------------------------------------
-    def _make_roads(self, rng):
+    def _make_roads(self, rng, map_rng):
         travel = float(self._s_grid[-1] - self._s_grid[0])
         self.ego_s0 = 110.0  # arclength of the ego on the main road at keyframe 0
         total = self.ego_s0 + travel + 130.0
@@ -227,6 +242,12 @@ class Scene:
             x, y, h = main_road.pose(s_cross)
             roads.append(_straight((x, y), h + math.pi / 2, 70.0, 70.0))
             intersections.append((np.array([x, y]), 15.0))
+        # A junction (crossings, stop lines) just ahead of the ego's start, unless one is near already.
+        s_cross = self.ego_s0 + float(map_rng.uniform(25.0, 45.0))
+        x, y, h = main_road.pose(s_cross)
+        if all(np.hypot(x - p[0], y - p[1]) >= 60.0 for p, _ in intersections):
+            roads.append(_straight((x, y), h + math.pi / 2, 70.0, 70.0))
+            intersections.append((np.array([x, y]), 15.0))
         all_pts = np.concatenate(roads)
         shift = MARGIN - all_pts.min(axis=0)
         self.roads = [Road(r + shift[None, :]) for r in roads]
@@ -243,50 +264,18 @@ class Scene:
     # ---- ground --------------------------------------------------------------------------
     def _make_texture(self, rng):
         rows, cols = self.map_size
-        label = np.zeros((rows, cols), np.uint8)  # 0 grass, 1 sidewalk, 2 road, 3 white, 4 yellow paint
-
-        def to_px(xy):
-            return np.round(xy / MAP_RES * 4).astype(np.int32).reshape(-1, 1, 2)  # 2 fractional bits
-
-        for road in self.roads:
-            cv2.polylines(label, [to_px(road.xy)], False, 1, int(2 * SIDEWALK_HALF / MAP_RES), cv2.LINE_8, 2)
-        for road in self.roads:
-            cv2.polylines(label, [to_px(road.xy)], False, 2, int(2 * ROAD_HALF / MAP_RES), cv2.LINE_8, 2)
-        self.drivable = label.copy()
-        for road in self.roads:
-            s = np.arange(0.0, road.length, 0.5)
-            clear = np.ones_like(s, dtype=bool)
-            xs, ys, _ = road.pose(s)
-            for p, r in self.intersections:
-                clear &= np.hypot(xs - p[0], ys - p[1]) > r
-            dash = (s % 9.0) < 3.0
-            for offset, colour, on in (
-                (-0.15, 4, clear),
-                (0.15, 4, clear),
-                (-LANE, 3, clear & dash),
-                (LANE, 3, clear & dash),
-                (-2 * LANE, 3, clear),
-                (2 * LANE, 3, clear),
-            ):
-                x, y, _ = road.pose(s, offset)
-                pts = np.stack([x, y], axis=1)
-                for run in _runs(on):
-                    if len(run) >= 2:
-                        cv2.polylines(label, [to_px(pts[run])], False, colour, 2, cv2.LINE_8, 2)
+        label = streetmap.paint_labels(self.streetmap, (rows, cols), MAP_RES)
         self.label = label
         # Mottling (asphalt patches, grass) plus fine grain, as a brightness offset in [0, 28].
-        base = np.array(
-            [[58, 90, 36], [136, 134, 126], [60, 60, 63], [201, 201, 194], [191, 158, 38]], np.uint8
+        base = np.array(  # per streetmap label: grass, sidewalk, road, white, yellow paint, car park
+            [[58, 90, 36], [136, 134, 126], [60, 60, 63], [201, 201, 194], [191, 158, 38], [92, 86, 98]],
+            np.uint8,
         )
         coarse = rng.integers(0, 19, (rows // 16 + 2, cols // 16 + 2), dtype=np.uint8)
         coarse = cv2.resize(coarse, (cols, rows), interpolation=cv2.INTER_LINEAR)
         grain = rng.integers(0, 11, (rows, cols), dtype=np.uint8)
         self.texture = base[label]
         self.texture += (coarse + grain)[..., None]
-
-    def map_mask(self) -> np.ndarray:
-        """nuScenes-style semantic prior (drivable + sidewalk = 255), row 0 at the largest y."""
-        return np.flipud(np.where(self.drivable > 0, 255, 0).astype(np.uint8))
 
     # ---- actors --------------------------------------------------------------------------
     def _new_actor(self, rng, category, mode, rider=False, **kw) -> Actor:
@@ -432,6 +421,12 @@ class Scene:
                         if self._static_clear(x, y, 6.0):
                             self._static_actor(rng, "vehicle.car", x, y, h if direction > 0 else h + math.pi)
 
+    def _add_carpark_cars(self, rng):
+        """Cars in about half the car park's bays (drawn from the street map's stream)."""
+        for x, y, yaw in self.streetmap.carpark_slots:
+            if rng.random() < 0.5:
+                self._static_actor(rng, "vehicle.car", x, y, yaw + (math.pi if rng.random() < 0.5 else 0.0))
+
     def _static_clear(self, x, y, radius) -> bool:
         for a in self.actors:
             if a.mode == "static" and math.hypot(a.static_pose[0] - x, a.static_pose[1] - y) < radius:
@@ -496,17 +491,24 @@ class Scene:
         cats = sorted({a.category.split(".")[-1] for a in self.actors})
         return (
             f"Synthetic {SCENE_LOCATIONS.get(self.name, 'town')}: {self.style} ego, "
-            f"{len(self.roads) - 1} side roads{', turn at junction' if turns else ''}; {', '.join(cats)}"
+            f"{len(self.roads) - 1} side roads{', turn at junction' if turns else ''}"
+            f"{', car park' if self.streetmap.carparks else ''}; {', '.join(cats)}"
         )
 
 
-def _runs(mask: np.ndarray) -> List[np.ndarray]:
-    """Index arrays of the contiguous True runs of a 1-D mask."""
-    idx = np.flatnonzero(mask)
-    if len(idx) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(idx) > 1) + 1
-    return np.split(idx, breaks)
+LOCATION_GAP = 100.0  # m of empty map between neighbouring scenes of one location
+
+
+def scene_origin(name: str, seed: int, keyframes: int) -> np.ndarray:
+    """Where a scene's world (its own coordinates start at 0, 0) sits in its location's map: the scenes of a
+    location (MINI_SCENES order) side by side along x, LOCATION_GAP apart, whichever of them are generated."""
+    x = 0.0
+    for other in MINI_SCENES:
+        if other == name:
+            return np.array([x, 0.0])
+        if SCENE_LOCATIONS[other] == SCENE_LOCATIONS[name]:
+            x += Scene(other, seed, keyframes, layout_only=True).extent[0] + LOCATION_GAP
+    raise ValueError(f"unknown scene {name!r}")
 
 
 def attribute_names(actor: Actor, state: ActorState) -> List[str]:

@@ -1,5 +1,8 @@
-"""One synthetic scene to disk: its sensor files (JPEGs, lidar .pcd.bin, radar .pcd, map mask) and
-its rows of the nuScenes tables, in the order the devkit expects."""
+"""One synthetic scene to disk: its sensor files (JPEGs, lidar .pcd.bin, radar .pcd) and its rows of the
+nuScenes tables, in the order the devkit expects, and its part of its location's map expansion.
+
+Global coordinates: the scene's world sits at ``world.scene_origin`` in its location's map, so the scenes
+of one location lie side by side; every pose, box and map node written is shifted by that origin."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from typing import Callable, Dict, List
 import cv2
 import numpy as np
 
-from . import render, sensors
+from . import render, sensors, streetmap
 from .catalog import (
     ANNOTATION_RADIUS,
     ATTRIBUTES,
@@ -34,14 +37,13 @@ from .catalog import (
     visibility_token,
     yaw_matrix,
 )
-from .world import Scene, attribute_names
+from .world import Scene, attribute_names, scene_origin
 
 JPEG_QUALITY = 90
 # The tables each scene contributes rows to (the others are the same for every scene).
 SCENE_TABLES = (
     "scene",
     "log",
-    "map",
     "calibrated_sensor",
     "ego_pose",
     "sample",
@@ -61,12 +63,12 @@ def _camera(channel: str, width: int, height: int, rig: dict) -> render.Camera:
     return _CAMERA_CACHE[key]
 
 
-def _ego_record(token, timestamp, ego) -> dict:
+def _ego_record(token, timestamp, ego, origin) -> dict:
     return dict(
         token=token,
         timestamp=timestamp,
         rotation=quaternion_wxyz(yaw_matrix(ego.yaw)),
-        translation=[ego.x, ego.y, 0.0],
+        translation=[ego.x + origin[0], ego.y + origin[1], 0.0],
     )
 
 
@@ -84,6 +86,7 @@ class SceneWriter:
         self.name, self.seed, self.keyframes = job["scene"], job["seed"], job["keyframes"]
         self.width, self.height = job["width"], job["height"]
         self.scene = Scene(self.name, self.seed, self.keyframes)
+        self.origin = scene_origin(self.name, self.seed, self.keyframes)
         self.rigs = scene_rigs(self.width, self.height)
         self.cameras = {ch: _camera(ch, self.width, self.height, self.rigs[ch]) for ch in CAMERAS}
         scene_idx = MINI_SCENES.index(self.name)
@@ -118,11 +121,25 @@ class SceneWriter:
             if on_keyframe is not None:
                 on_keyframe()
         self._link_chains()
-        return dict(scene=self.name, tables=self.tables, visibility=self.vis_hist.tolist())
+        visibility = self.vis_hist.tolist()
+        return dict(scene=self.name, tables=self.tables, visibility=visibility, **self._map_part())
+
+    def _map_part(self) -> dict:
+        """The scene's part of its location's map: expansion rows, the corner of its ground farthest from
+        the location's origin, and its drivable area and sidewalks for the semantic prior (global metres)."""
+        sm = self.scene.streetmap
+        records = streetmap.expansion_records(sm, lambda kind, n: self._token("map_expansion", kind, n),
+                                              self.origin)
+        prior = [(np.asarray(p.exterior.coords) + self.origin, [np.asarray(h.coords) + self.origin
+                                                              for h in p.interiors])
+                 for p in sm.drivable + sm.walkways]
+        corner = (self.origin + np.asarray(self.scene.extent)).tolist()
+        return dict(location=SCENE_LOCATIONS[self.name], log_token=self._token("log"), map_records=records,
+                    map_corner=corner, prior=prior)
 
     def _write_log_map_and_calibration(self) -> None:
         out, tables = self.out, self.tables
-        log_token, map_token = self._token("log"), self._token("map")
+        log_token = self._token("log")
         tables["log"].append(
             dict(
                 token=log_token,
@@ -131,12 +148,6 @@ class SceneWriter:
                 date_captured=f"2018-07-{self.day:02d}",
                 location=SCENE_LOCATIONS[self.name],
             )
-        )
-        (out / "maps").mkdir(parents=True, exist_ok=True)
-        map_file = f"maps/{map_token}.png"
-        cv2.imwrite(str(out / map_file), self.scene.map_mask())
-        tables["map"].append(
-            dict(token=map_token, log_tokens=[log_token], category="semantic_prior", filename=map_file)
         )
         for ch, rig in self.rigs.items():
             tables["calibrated_sensor"].append(
@@ -156,7 +167,7 @@ class SceneWriter:
 
     def _add_sample_data(self, ch, ts_us, k, is_key, ego, filename, fileformat, w=0, h=0) -> None:
         ep_token = self._token("ego_pose", ch, ts_us)
-        self.tables["ego_pose"].append(_ego_record(ep_token, ts_us, ego))
+        self.tables["ego_pose"].append(_ego_record(ep_token, ts_us, ego, self.origin))
         self.per_channel[ch].append(
             dict(
                 token=self._token("sample_data", ch, ts_us),
@@ -285,7 +296,7 @@ class SceneWriter:
             instance_token=ob.actor.instance_token,
             visibility_token=visibility,
             attribute_tokens=[ATTRIBUTES[a][0] for a in attribute_names(ob.actor, st)],
-            translation=[st.x, st.y, h / 2],
+            translation=[st.x + self.origin[0], st.y + self.origin[1], h / 2],
             size=[w, l, h],
             rotation=quaternion_wxyz(yaw_matrix(st.yaw)),
             prev="",
