@@ -193,7 +193,7 @@ def test_each_camera_is_rendered_from_where_the_car_is_when_it_fires(nusc, synth
     (actors placed at that time): the JPEGs match. The LIDAR_TOP keyframe's pose and time, 0-43 ms
     later, give a visibly different picture, so the check can tell them apart."""
     from bevtrain.synthetic.render import Camera, place_objects
-    from bevtrain.synthetic.world import ActorState, Scene
+    from bevtrain.synthetic.world import ActorState, Scene, scene_origin
 
     params = json.loads((Path(synthetic_root) / MARKER).read_text())["params"]
     # the scene whose ego moves most between its first front camera and lidar captures
@@ -207,6 +207,7 @@ def test_each_camera_is_rendered_from_where_the_car_is_when_it_fires(nusc, synth
     scene_rec, sample = max(zip(nusc.scene, first), key=lambda pair: step(pair[1], "CAM_FRONT_LEFT"))
     assert step(sample, "CAM_FRONT_LEFT") > 0.2
     world = Scene(scene_rec["name"], params["seed"], params["keyframes"])
+    origin = scene_origin(scene_rec["name"], params["seed"], params["keyframes"])  # in its location's map
     sample = nusc.get("sample", sample["next"])  # a keyframe inside the scene
 
     def render_at(sd, pose_sd):
@@ -215,7 +216,7 @@ def test_each_camera_is_rendered_from_where_the_car_is_when_it_fires(nusc, synth
         pose = nusc.get("ego_pose", pose_sd["ego_pose_token"])
         cam = Camera(Quaternion(cs["rotation"]).rotation_matrix, np.array(cs["translation"]),
                      np.array(cs["camera_intrinsic"]), sd["width"], sd["height"])
-        ego = ActorState(pose["translation"][0], pose["translation"][1],
+        ego = ActorState(pose["translation"][0] - origin[0], pose["translation"][1] - origin[1],
                          Quaternion(pose["rotation"]).yaw_pitch_roll[0], 0.0, 0.0)
         t = (pose_sd["timestamp"] - first[nusc.scene.index(scene_rec)]["timestamp"]) * 1e-6
         return cam.render(world, ego, place_objects(world, t, ego))[0].astype(np.float32)
