@@ -159,7 +159,9 @@ FLAGS: Tuple[Flag, ...] = (
     _f("bounds", list(DEFAULT_BOUNDS), "XMIN XMAX YMIN YMAX ZMIN ZMAX in metres", kind="list[float]"),
     _f("scene_centroid", list(DEFAULT_CENTROID), "grid shift (x, y, z) in metres", kind="list[float]"),
     _f("classes", ["vehicle"], "output channels in order, one segmentation target each: object groups "
-       "(vehicle, pedestrian, traffic_cone, barrier, bicycle, ...: boxes of nuScenes categories by prefix), "
+       "(boxes of nuScenes categories by prefix: vehicle, car, truck, bus, trailer, construction_vehicle, "
+       "emergency_vehicle, motorcycle, bicycle, pedestrian, traffic_cone, barrier, pushable_pullable, "
+       "debris, bicycle_rack, animal), "
        "map-expansion layers (drivable_area, ped_crossing, walkway, stop_line, carpark_area, divider, lane, "
        "road_segment, road_divider, lane_divider), a nuScenes category or prefix, or a class_groups name "
        "(README 'Targets')", kind="list[str]"),
@@ -292,7 +294,7 @@ def suggest(name: str, known: Iterable[str] = FLAG_BY_NAME) -> str:
 
 # How the kinds that are not Python types read in a message.
 KIND_WORDS = {"optional_int": "an int", "optional_str_list": "str or list[str]", "resume": "True or a path",
-              "number": "a number", "mapping": "a mapping (YAML: {name: {...}})"}
+              "number": "a number", "mapping": "a mapping"}
 
 
 def _type_error(name: str, where: str, flag: Flag, value: Any) -> ConfigError:

@@ -78,7 +78,7 @@ def test_class_groups_flag_from_yaml_and_the_command_line(tmp_path):
     assert resolve_config({})[0].class_groups == {}
     with pytest.raises(ConfigError, match="did you mean 'ped_crossing'"):
         resolve_config({"classes": ["vehicle", "ped_crosing"]})
-    with pytest.raises(ConfigError, match="class_groups' expects mapping"):
+    with pytest.raises(ConfigError, match="class_groups' expects a mapping"):
         resolve_config({"class_groups": "[a, b]"})
     with pytest.raises(ConfigError, match="unknown map layer"):
         resolve_config({"classes": ["lines"], "class_groups": {"lines": {"layers": ["road_dividr"]}}})
