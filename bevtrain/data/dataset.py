@@ -60,7 +60,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bevtrain import geometry
-from bevtrain.classes import MAP_LINE_LAYERS, map_indices, object_indices, resolve_classes
+from bevtrain.classes import map_indices, object_indices, resolve_classes
 from bevtrain.config import DataConfig
 from bevtrain.data import augment, points, targets
 from bevtrain.data.index import (
@@ -184,11 +184,15 @@ class NuScenesBEVDataset(Dataset):
         self.dataroot = self.index_info["dataroot"]
         self._read_settings(data)
         self._check_object_classes()
-        # {location: packed map-expansion geometry} of the locations this split uses (map outputs only)
-        self.map_geometry: Dict[str, dict] = {}
+        # {location: the map-expansion layers the map outputs draw, as one pack (targets.merge_map_layers)} of
+        # the locations this split uses (map outputs only)
+        self.map_layers: Dict[str, dict] = {}
         if self.map_channels:
             locations = {rec["location"] for rec in self.records}
-            self.map_geometry = load_map_geometry(self.dataroot, locations, cache_dir=data.cache_dir or None)
+            geometry = load_map_geometry(self.dataroot, locations, cache_dir=data.cache_dir or None)
+            needed = list(dict.fromkeys(s for c in self.map_channels for s in self.outputs[c].sources))
+            self.map_layers = {loc: targets.merge_map_layers(g["layers"], needed)
+                               for loc, g in geometry.items()}
         self.epoch = 0
         # position -> {"index", "token", "scene", "reason"} of samples known to be bad (in a loader
         # worker this grows with what the worker finds; the outcome never depends on it)
@@ -450,8 +454,8 @@ class NuScenesBEVDataset(Dataset):
             seg, valid = np.zeros(shape, np.float32), np.ones(shape, np.float32)  # (C,Z,X)
             for c, (seg_c, valid_c) in zip(self.object_channels, per_object):
                 seg[c], valid[c] = seg_c, valid_c
-            for c, mask in self._map_masks(rec, ref_T_global).items():
-                seg[c] = mask
+            if self.map_channels:
+                seg[list(self.map_channels)] = self._map_masks(rec, ref_T_global)
         if flip_x:  # X is the last axis of (C, Z, X)
             seg, valid, ctr, off = (np.flip(a, axis=-1) for a in (seg, valid, ctr, off))
             off = off * np.array([-1.0, 1.0], dtype=np.float32)[:, None, None]
@@ -487,21 +491,11 @@ class NuScenesBEVDataset(Dataset):
             out["box_tids"] = torch.from_numpy(tids)
         return out
 
-    def _map_masks(self, rec, ref_T_global) -> Dict[int, np.ndarray]:
-        """{channel: (Z,X) uint8} of the map outputs in the reference frame (before any mirror): the union
-        of each output's layers, each layer drawn once (targets.map_layer_mask)."""
-        layers = self.map_geometry[rec["location"]]["layers"] if self.map_channels else {}
-        drawn: Dict[str, np.ndarray] = {}
-        out = {}
-        for c in self.map_channels:
-            mask = np.zeros((self.vox.Z, self.vox.X), np.uint8)
-            for layer in self.outputs[c].sources:
-                if layer not in drawn:
-                    drawn[layer] = targets.map_layer_mask(layers[layer], ref_T_global, self.vox,
-                                                          line=layer in MAP_LINE_LAYERS)
-                mask |= drawn[layer]
-            out[c] = mask
-        return out
+    def _map_masks(self, rec, ref_T_global) -> np.ndarray:
+        """(K,Z,X) uint8 of the K map outputs in the reference frame (before any mirror): the union of each
+        output's layers, each layer drawn once (targets.map_output_masks)."""
+        sources = [self.outputs[c].sources for c in self.map_channels]
+        return targets.map_output_masks(self.map_layers[rec["location"]], sources, ref_T_global, self.vox)
 
     def _radar(self, rec, ref_T_global, flip_x, flip_z, ref_time) -> dict:
         chans = [(c, rec["sweeps"][c]) for c in RADAR_NAMES if c in rec["sweeps"]]

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 import torch
 
+from bevtrain.classes import MAP_LINE_LAYERS
 from bevtrain.geometry import Vox_util
 
 CENTER_SIGMA = 3.0  # cells
@@ -326,30 +327,63 @@ def _window_in_global(global_T_ref: np.ndarray, vox: Vox_util, margin: float) ->
     return np.array([*(g[:, :2].min(axis=0) - margin), *(g[:, :2].max(axis=0) + margin)])
 
 
-def _clipped_polygon(rings: list, hi: tuple) -> tuple:
-    """(exteriors, holes): a polygon's rings (exterior first, (n,2) each) clipped to [0, hi[0]] x [0, hi[1]]
-    as the devkit clips it (shapely's intersection, which may leave several parts)."""
-    lo = np.min(rings[0], axis=0)
-    top = np.max(rings[0], axis=0)
-    if (lo >= 0).all() and top[0] <= hi[0] and top[1] <= hi[1]:
-        return rings[:1], rings[1:]
-    from shapely.errors import GEOSException
-    from shapely.geometry import Polygon, box
-
-    poly = Polygon(rings[0], [r for r in rings[1:] if len(r) >= 3])
-    try:
-        part = poly.intersection(box(0.0, 0.0, hi[0], hi[1]))
-    except GEOSException:  # a self-intersecting polygon: its valid equivalent
-        part = poly.buffer(0).intersection(box(0.0, 0.0, hi[0], hi[1]))
-    parts = [g for g in getattr(part, "geoms", [part]) if g.geom_type == "Polygon" and not g.is_empty]
-    return ([np.asarray(g.exterior.coords) for g in parts],
-            [np.asarray(h.coords) for g in parts for h in g.interiors])
+def _ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(start[i], end[i]) over i, without a Python loop."""
+    lens = end - start
+    if lens.sum() == 0:
+        return np.zeros(0, np.int64)
+    first = np.repeat(start - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    return first + np.arange(lens.sum())
 
 
-def _clip_segments(pts: np.ndarray, hi: tuple) -> np.ndarray:
-    """(k,2,2) pieces of a polyline (n,2) inside [0, hi[0]] x [0, hi[1]] (Liang-Barsky per segment), points
-    clipped onto a side exactly on it."""
-    p, d = pts[:-1], pts[1:] - pts[:-1]
+def _clipped_polygons(uv: np.ndarray, ring_len: np.ndarray, shape_rings: np.ndarray, hi: tuple) -> list:
+    """Per shape, (exteriors, holes) as rounded int32 (n,2) rings, or None: the shapes (``shape_rings``
+    rings each, exterior first; ring r has ``ring_len[r]`` vertices, consecutive in ``uv``) clipped to
+    [0, hi[0]] x [0, hi[1]] as the devkit clips them (shapely's intersection, which may leave several parts
+    or none). Shapes inside the window are kept as they are; the others are clipped in vectorised shapely
+    calls (no Python work per vertex or per shapely object)."""
+    import shapely
+
+    ring_start = np.concatenate([[0], np.cumsum(ring_len)])
+    shape_first = np.concatenate([[0], np.cumsum(shape_rings)])
+    ext = shape_first[:-1]  # each shape's exterior ring
+    lo = np.minimum.reduceat(uv, ring_start[:-1], axis=0)[ext]
+    top = np.maximum.reduceat(uv, ring_start[:-1], axis=0)[ext]
+    inside = (lo >= 0).all(axis=1) & (top[:, 0] <= hi[0]) & (top[:, 1] <= hi[1])
+    rings = np.split(np.round(uv).astype(np.int32), ring_start[1:-1])
+    out = [None] * len(shape_rings)  # shapes left out (clipped away, degenerate) stay None
+    for k in np.flatnonzero(inside):
+        out[k] = (rings[ext[k]: ext[k] + 1], rings[ext[k] + 1: shape_first[k + 1]])
+    cross = np.flatnonzero(~inside & (ring_len[ext] >= 3))
+    if len(cross) == 0:
+        return out
+    cross_rings = _ranges(shape_first[cross], shape_first[cross + 1])
+    cross_rings = cross_rings[ring_len[cross_rings] >= 3]  # (a hole of under 3 vertices is no hole)
+    n = ring_len[cross_rings]
+    coords = uv[_ranges(ring_start[cross_rings], ring_start[cross_rings + 1])]
+    linear = shapely.linearrings(coords, indices=np.repeat(np.arange(len(cross_rings)), n))
+    owner = np.searchsorted(shape_first, cross_rings, side="right") - 1  # shape of each ring
+    polys = shapely.polygons(linear, indices=np.searchsorted(cross, owner))
+    clipped = shapely.clip_by_rect(polys, 0.0, 0.0, hi[0], hi[1])
+    parts, part_shape = shapely.get_parts(clipped, return_index=True)
+    found, ring_part = shapely.get_rings(parts, return_index=True)  # polygon parts only, exterior first
+    if len(found) == 0:
+        return out
+    xy, ring_of = shapely.get_coordinates(found, return_index=True)
+    clipped_rings = np.split(np.round(xy).astype(np.int32), np.flatnonzero(np.diff(ring_of)) + 1)
+    is_exterior = np.concatenate([[True], ring_part[1:] != ring_part[:-1]])
+    for ring, part, exterior in zip(clipped_rings, ring_part, is_exterior):
+        k = cross[part_shape[part]]
+        if out[k] is None:
+            out[k] = ([], [])
+        out[k][0 if exterior else 1].append(ring)
+    return out
+
+
+def _clip_segments(p: np.ndarray, q: np.ndarray, hi: tuple) -> tuple:
+    """(k,2,2) pieces of the segments p[i] -> q[i] ((n,2) each) inside [0, hi[0]] x [0, hi[1]] (Liang-Barsky,
+    all at once), points clipped onto a side exactly on it; and the (k,) indices of the segments kept."""
+    d = q - p
     t0, t1 = np.zeros(len(p)), np.ones(len(p))
     for axis in (0, 1):
         for bound, sign in ((0.0, 1.0), (hi[axis], -1.0)):
@@ -364,48 +398,98 @@ def _clip_segments(pts: np.ndarray, hi: tuple) -> np.ndarray:
     for axis in (0, 1):
         for bound in (0.0, hi[axis]):
             pieces[..., axis][np.abs(pieces[..., axis] - bound) < 1e-6] = bound
-    return pieces
+    return pieces, np.flatnonzero(ok)
+
+
+def merge_map_layers(layers: dict, names: Sequence[str]) -> dict:
+    """The shapes of the layers ``names`` (``index.build_map_geometry``'s packs) as one pack, in that order,
+    each shape tagged with its layer's position in ``names`` (``shape_layer``) and whether it is a line
+    layer (``line``, per layer), so that ``map_output_masks`` draws them all in one pass."""
+    packs = [layers[n] for n in names]
+    n_rings = np.cumsum([0] + [len(p["ring_start"]) - 1 for p in packs])
+    n_xy = np.cumsum([0] + [len(p["xy"]) for p in packs])
+    return {
+        "names": tuple(names),
+        "line": np.array([n in MAP_LINE_LAYERS for n in names], bool),
+        "xy": np.concatenate([p["xy"] for p in packs]).reshape(-1, 2),
+        "ring_start": np.concatenate([[0]] + [p["ring_start"][1:] + o for p, o in zip(packs, n_xy)]),
+        "shape_start": np.concatenate([[0]] + [p["shape_start"][1:] + o for p, o in zip(packs, n_rings)]),
+        "bbox": np.concatenate([p["bbox"] for p in packs]).reshape(-1, 4),
+        "shape_layer": np.concatenate([np.full(len(p["bbox"]), k, np.int64) for k, p in enumerate(packs)]),
+    }
 
 
 def map_layer_mask(layer: dict, ref_T_global: np.ndarray, vox: Vox_util, line: bool) -> np.ndarray:
     """(Z,X) uint8 mask of one map layer (``index.build_map_geometry``'s packed shapes, global metres) in
     the frame ``ref_T_global`` (map points at global z = 0), cells as the module's map-layer rule says."""
-    canvas = np.zeros((vox.X, vox.Z), np.uint8)  # the devkit's: rows v (left), columns u (forward)
-    if len(layer["bbox"]) == 0:
-        return np.ascontiguousarray(canvas[::-1].T)
+    merged = merge_map_layers({"layer": layer}, ["layer"])
+    merged["line"][0] = line
+    canvas = _draw_layers(merged, ref_T_global, vox)[0]
+    return np.ascontiguousarray(canvas[::-1].T)
+
+
+def map_output_masks(merged: dict, sources: Sequence[Sequence[str]], ref_T_global: np.ndarray, vox: Vox_util
+                     ) -> np.ndarray:
+    """(K,Z,X) uint8 view: per map output k, the union of its layers ``sources[k]`` (names in ``merged``,
+    ``merge_map_layers``'), each layer drawn once, in the frame ``ref_T_global``."""
+    canvases = _draw_layers(merged, ref_T_global, vox)  # (L,X,Z)
+    position = {n: k for k, n in enumerate(merged["names"])}
+    out = np.zeros((len(sources), vox.X, vox.Z), np.uint8)  # the devkit's canvas orientation
+    for k, names in enumerate(sources):
+        for name in names:
+            out[k] |= canvases[position[name]]
+    return out[:, ::-1].transpose(0, 2, 1)
+
+
+def _draw_layers(merged: dict, ref_T_global: np.ndarray, vox: Vox_util) -> np.ndarray:
+    """(L,X,Z) uint8: each layer of ``merged`` on the devkit's canvas, rows v (left), columns u (forward),
+    every shape near the grid transformed and clipped in one pass (polygons, then lines)."""
+    canvas = np.zeros((len(merged["names"]), vox.X, vox.Z), np.uint8)
     global_T_ref = np.eye(4)
     global_T_ref[:3, :3] = ref_T_global[:3, :3].T
     global_T_ref[:3, 3] = -ref_T_global[:3, :3].T @ ref_T_global[:3, 3]
     cell = max(vox.vox_size_x, vox.vox_size_z)
     x0, y0, x1, y1 = _window_in_global(global_T_ref, vox, margin=2 * cell)
-    bbox = layer["bbox"]
-    hits = np.flatnonzero((bbox[:, 0] <= x1) & (bbox[:, 2] >= x0) & (bbox[:, 1] <= y1) & (bbox[:, 3] >= y0))
-    ring_start, shape_start = layer["ring_start"], layer["shape_start"]
-    first_ring, end_ring = shape_start[hits], shape_start[hits + 1]
-    if len(hits):
-        v0, v1 = ring_start[first_ring], ring_start[end_ring]  # each hit shape's vertex range
-        xy = layer["xy"][np.concatenate([np.arange(a, b) for a, b in zip(v0, v1)])]  # (V,2) global
-        rot, t = ref_T_global[:3, :3], ref_T_global[:3, 3]
-        x_ref = xy[:, 0] * rot[0, 0] + xy[:, 1] * rot[0, 1] + t[0]
-        z_ref = xy[:, 0] * rot[2, 0] + xy[:, 1] * rot[2, 1] + t[2]
-        u = (z_ref - vox.zmin) / vox.vox_size_z - 0.5  # our continuous row (cell centres at integers)
-        v = vox.X - 1 - ((x_ref - vox.xmin) / vox.vox_size_x - 0.5)  # X - 1 - our continuous column
-        uv = np.stack([u, v], axis=1)
-    hi, base = (float(vox.Z), float(vox.X)), 0
-    for r0, r1 in zip(first_ring, end_ring):
-        rings = []
-        for r in range(r0, r1):
-            n = int(ring_start[r + 1] - ring_start[r])
-            rings.append(uv[base : base + n])
-            base += n
-        if line:
-            pieces = _clip_segments(rings[0], hi)
-            if len(pieces):  # (int32 truncates, as the devkit's does)
-                cv2.polylines(canvas, list(pieces.astype(np.int32)), False, 1, MAP_LINE_THICKNESS)
-            continue
-        exteriors, holes = _clipped_polygon(rings, hi)
-        if exteriors:
-            cv2.fillPoly(canvas, [np.round(e).astype(np.int32) for e in exteriors], 1)
-        if holes:
-            cv2.fillPoly(canvas, [np.round(h).astype(np.int32) for h in holes], 0)
-    return np.ascontiguousarray(canvas[::-1].T)
+    bbox = merged["bbox"]
+    near = (bbox[:, 0] <= x1) & (bbox[:, 2] >= x0) & (bbox[:, 1] <= y1) & (bbox[:, 3] >= y0)
+    if not near.any():
+        return canvas
+    ring_start, shape_start = merged["ring_start"], merged["shape_start"]
+    hits = np.flatnonzero(near)  # in layer order, each layer's shapes in its order
+    rings = _ranges(shape_start[hits], shape_start[hits + 1])
+    ring_len = ring_start[rings + 1] - ring_start[rings]
+    xy = merged["xy"][_ranges(ring_start[rings], ring_start[rings + 1])]  # (V,2) global
+    rot, t = ref_T_global[:3, :3], ref_T_global[:3, 3]
+    x_ref = xy[:, 0] * rot[0, 0] + xy[:, 1] * rot[0, 1] + t[0]
+    z_ref = xy[:, 0] * rot[2, 0] + xy[:, 1] * rot[2, 1] + t[2]
+    u = (z_ref - vox.zmin) / vox.vox_size_z - 0.5  # our continuous row (cell centres at integers)
+    v = vox.X - 1 - ((x_ref - vox.xmin) / vox.vox_size_x - 0.5)  # X - 1 - our continuous column
+    uv = np.stack([u, v], axis=1)
+    hi = (float(vox.Z), float(vox.X))
+    layer = merged["shape_layer"][hits]
+    shape_rings = shape_start[hits + 1] - shape_start[hits]
+    line = merged["line"][layer]
+    ring_line = np.repeat(line, shape_rings)
+    vertex_line = np.repeat(ring_line, ring_len)
+    if not line.all():
+        shapes = _clipped_polygons(uv[~vertex_line], ring_len[~ring_line], shape_rings[~line], hi)
+        for shape, k in zip(shapes, layer[~line]):  # in layer order
+            if shape is not None:
+                exteriors, holes = shape
+                if exteriors:
+                    cv2.fillPoly(canvas[k], exteriors, 1)
+                if holes:
+                    cv2.fillPoly(canvas[k], holes, 0)
+    if line.any():  # every segment of every line at once (a line shape is one ring)
+        lines_uv, lines_len = uv[vertex_line], ring_len[ring_line]
+        last = np.cumsum(lines_len) - 1  # each line's last vertex: no segment from it to the next line
+        within = np.ones(len(lines_uv) - 1, bool)
+        within[last[:-1]] = False
+        segment_layer = np.repeat(layer[line], lines_len - 1)
+        pieces, kept = _clip_segments(lines_uv[:-1][within], lines_uv[1:][within], hi)
+        pieces = pieces.astype(np.int32)  # (int32 truncates, as the devkit's does)
+        for k in np.unique(segment_layer):
+            mine = pieces[segment_layer[kept] == k]
+            if len(mine):
+                cv2.polylines(canvas[k], list(mine), False, 1, MAP_LINE_THICKNESS)
+    return canvas
