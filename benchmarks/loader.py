@@ -4,6 +4,9 @@ All run on the same data, with the same worker count and batch size 1, in one pr
 
 - ``ours``: ``NuScenesBEVDataset`` in training mode (crop/resize/flip, shuffled reference camera);
   RGB only unless --radar/--lidar (then those modalities are read, as configured).
+- ``ours train + every map layer``: the same with ``classes`` = vehicle and every map-expansion layer
+  (the seven polygon layers and both dividers, each its own channel; when the dataroot has
+  ``maps/expansion/``): the cost of the map targets against the default ``[vehicle]``.
 - ``baseline``: the per-sample work of Simple-BEV's training loader (``nuscenesdataset.VizData``),
   step for step and no more: per camera a PIL full-resolution decode, nearest-neighbour resize, crop
   and ``ToTensor`` (float); lidar (3 sweeps) and radar (5 radars x 3 sweeps) read with the devkit's
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from bevtrain.classes import MAP_LINE_LAYERS, MAP_POLYGON_LAYERS
 from bevtrain.config import DataConfig
 from bevtrain.data import augment, index
 from bevtrain.data.dataset import CAMERA_NAMES, NuScenesBEVDataset
@@ -204,6 +208,9 @@ class SimpleBEVStyleDataset(Dataset):
         return imgs, lidar, radar, torch.from_numpy(binimg).float(), seg, center, offset
 
 
+MAPS_ROW = "ours train + every map layer"
+
+
 def _rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -260,6 +267,9 @@ def main():
 
         ensure_synthetic(args.data_dir)
 
+    has_maps = os.path.isdir(os.path.join(args.data_dir, "maps", "expansion"))
+    if not has_maps:
+        print(f"no {args.data_dir}/maps/expansion/: no map-layer row")
     t0 = time.perf_counter()
     _, info = index.load_index(args.data_dir, args.dset, args.split, nsweeps=3, cache_dir=args.cache_dir)
     print(f"index: {'cache hit' if info['cache_hit'] else 'built'} in {time.perf_counter() - t0:.2f}s")
@@ -276,6 +286,10 @@ def main():
             ("ours val", ours_val),
             ("baseline (Simple-BEV's steps)", SimpleBEVStyleDataset(ours)),
         ]
+        if has_maps:
+            every_layer = ["vehicle", *MAP_POLYGON_LAYERS, *MAP_LINE_LAYERS]
+            maps = NuScenesBEVDataset(train_data.replace(classes=every_layer), args.split, is_train=True)
+            rows.append((MAPS_ROW, maps))
         # Rows take turns, --repeats times, and each reports its median: on a shared machine a
         # single pass drifts by ~10 %, and turns spread the drift over all rows alike.
         runs = {name: [] for name, _ in rows}
@@ -299,6 +313,8 @@ def main():
             f"floor / ours train = {floor / results['ours train']:.2f}x, "
             f"floor at train decode sizes / ours train = {floor_train / results['ours train']:.2f}x, "
             f"floor / ours val = {floor / results['ours val']:.2f}x"
+            + (f", time per sample {MAPS_ROW} / ours train = {results['ours train'] / results[MAPS_ROW]:.3f}x"
+               if has_maps else "")
         )
 
 
