@@ -257,6 +257,25 @@ def test_data_errors_print_their_message_alone(tmp_path, synthetic_root, how, fr
     assert debug.returncode == EXIT_DATA and "Traceback" in debug.stderr
 
 
+@pytest.mark.parametrize("flags, fragments", [
+    (["--classes=[vehicle,carpark_area]"],
+     ["maps/expansion/boston-seaport.json do(es) not exist", "v1.3", "nuScenes-map-expansion-v1.3"]),
+    (["--classes=[vehicle,spaceships]", "--class_groups={spaceships: {categories: [vehicle.spaceship]}}"],
+     ["class 'spaceships'", "matches no category", "vehicle.car"]),
+])  # fmt: skip
+def test_map_and_class_errors_stop_training_with_their_message(tmp_path, synthetic_root, flags, fragments):
+    """Issue 22: a map output on a dataroot without the expansion file of a location its split uses, and a
+    class group that matches no category, stop the run before any step: the message alone, exit 65."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data, copy_function=os.link)
+    (data / "maps" / "expansion" / "boston-seaport.json").unlink()  # the val scenes' location
+    r = run(tiny_args(tmp_path, data, nworkers=0, do_val=True) + flags, tmp_path)
+    assert r.returncode == EXIT_DATA, r.stdout[-2000:] + r.stderr[-3000:]
+    first = r.stderr.splitlines()[0]
+    assert first.startswith("error: ") and all(f in first for f in fragments), r.stderr
+    assert "Traceback" not in r.stderr and not list(tmp_path.glob("ckpt/*/*.pth"))
+
+
 def test_tools_check_their_arguments(tmp_path):
     """verify, the synthetic generator and the Simple-BEV converter: one error: line, exit 2 (item 11:
     convert_simplebev without arguments said nothing; verify takes --nworkers like training)."""
