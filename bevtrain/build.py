@@ -12,7 +12,7 @@ A run folder's ``config.yaml`` is such a resolved config: ``Config(yaml.safe_loa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Collection, Dict, Mapping, Sequence
+from typing import Any, Collection, Dict, Mapping, Sequence, Tuple
 
 import torch
 
@@ -183,15 +183,50 @@ _AUTO_THREADS = None  # (threads, why) of the first auto choice in this process
 
 # -- running the model on a batch (shared by training and evaluation) -------------------------------
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# CPU instruction sets that compute bf16 natively; elsewhere oneDNN emulates bf16, slower than fp32.
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> Tuple[str, ...]:
+    """The native-bf16 instruction sets among this CPU's flags (Linux ``/proc/cpuinfo``); () when it has
+    none or the file is unreadable (other systems)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return ()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return tuple(f for f in NATIVE_BF16_CPU_FLAGS if f in flags)
+    return ()
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """None = fp32. 'auto': bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU."""
+    """None = fp32. 'auto': bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU.
+    'bf16_if_native': bf16 where the device computes it natively (CUDA with bf16, a CPU with
+    ``NATIVE_BF16_CPU_FLAGS``), fp32 elsewhere."""
     if amp == "auto":
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "bf16_if_native":
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else bool(cpu_native_bf16())
+        return torch.bfloat16 if native else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def precision_note(amp: str, device: torch.device) -> str:
+    """What --amp chose on this device and why, for a run's first lines: 'bf16', 'fp32', or with
+    bf16_if_native e.g. 'bf16 (amp=bf16_if_native: this CPU has avx512_bf16)'."""
+    dtype = amp_dtype(amp, device)
+    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    if amp != "bf16_if_native" or device.type == "cuda":
+        return name
+    native = cpu_native_bf16()
+    if native:
+        return f"{name} (amp=bf16_if_native: this CPU has {'/'.join(native)})"
+    return (f"{name} (amp=bf16_if_native: this CPU lacks {' and '.join(NATIVE_BF16_CPU_FLAGS)}, where bf16 "
+            "would be emulated and slower; --amp=bf16 forces it)")
 
 
 def to_device(

@@ -168,12 +168,18 @@ FLAGS: Tuple[Flag, ...] = (
     _f("class_groups", {}, "your own output groups (YAML mapping): {name: {categories: [nuScenes category "
        "prefixes]}} or {name: {layers: [map-expansion layers]}}, optional color: [r, g, b]; name them in "
        "classes", kind="mapping"),
+    _f("map_loss", "focal", "loss of the map-layer channels: 'focal' (BEVFusion's per-class sigmoid focal "
+       "loss, gamma 2) or 'bce' (plain per-class BCE); object channels always take Simple-BEV's masked BCE "
+       "(pos_weight 2.13)", choices=("focal", "bce")),
+    _f("viz_class", "", "the class whose errors the pictures' error panel shows ('' = the first class)"),
     _f("target_raster", "simplebev", "how boxes become BEV targets: 'simplebev' = Simple-BEV's maps "
        "cell for cell (lidar-keyframe ego pose, truncated corners, cv2.fillPoly; needed for numbers "
        "comparable with the paper), 'exact' = cells whose centre is inside the footprint",
        choices=("simplebev", "exact")),
-    _f("amp", "auto", "mixed precision: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (+GradScaler), none",
-       choices=("auto", "bf16", "fp16", "none")),
+    _f("amp", "auto", "mixed precision: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (+GradScaler), none, or "
+       "bf16_if_native (bf16 where the device computes bf16 natively: CUDA with bf16, a CPU with avx512_bf16 "
+       "or amx_bf16; fp32 elsewhere, where bf16 would be emulated and slower)",
+       choices=("auto", "bf16", "fp16", "none", "bf16_if_native")),
     _f("device", "auto", "auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)"),
     _f("val_batches", 1, "val batches per evaluation"),
     _f("viz_freq", 5000, "BEV images every N steps (0 = never)"),
@@ -708,6 +714,16 @@ class ModelConfig(_Section):
     radar_features: str
     do_rgbcompress: bool
     compat: str
+    classes: Tuple[str, ...]
+    class_groups: Mapping[str, Any]
+    map_loss: str
+
+    @property
+    def outputs(self):
+        """The named outputs (``bevtrain.classes.OutputClass``), one segmentation channel each."""
+        from bevtrain.classes import resolve_classes
+
+        return resolve_classes(self.classes, self.class_groups)
 
 
 @dataclass(frozen=True)
@@ -759,6 +775,7 @@ class RunConfig(_Section):
     compile_backend: str
     threads: int
     debug: bool
+    viz_class: str
 
 
 SECTIONS = (DataConfig, ModelConfig, OptimConfig, RunConfig)

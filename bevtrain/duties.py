@@ -22,7 +22,7 @@ import torch
 from bevtrain.build import forward
 from bevtrain.checkpoint import capture_rng
 from bevtrain.distributed import all_gather_object, all_reduce_sum
-from bevtrain.inference import IoU, LastBatch, LossMeans, run_batches
+from bevtrain.inference import IoU, LastBatch, LossMeans, format_ious, iou_scalars, run_batches
 from bevtrain.metrics import BevIoUEvaluator
 
 
@@ -34,26 +34,28 @@ def format_duration(seconds: float) -> str:
 
 
 def log_bev_images(
-    writer, tag: str, batch: Mapping[str, Any], out: Mapping[str, Any], step: int, vox_util
+    writer, tag: str, batch: Mapping[str, Any], out: Mapping[str, Any], step: int, vox_util,
+    classes=None, viz_class: str = "",
 ) -> None:
     """The composite of bevtrain.viz (cameras, GT, prediction) for the batch's first sample."""
     from bevtrain.viz import render_composite
 
-    image = render_composite(batch, out, 0, vox_util, cell_width=200)
+    image = render_composite(batch, out, 0, vox_util, cell_width=200, classes=classes, viz_class=viz_class)
     writer.add_image(f"{tag}/composite", image, step, dataformats="HWC")
 
 
 class Window:
     """Sums between two log lines; reduced across ranks when logged."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, classes=None):
+        self.device, self.classes = device, classes
         self.reset()
 
     def reset(self) -> None:
         self.loss = torch.zeros((), device=self.device)
         self.parts: Dict[str, torch.Tensor] = {}
-        self.iou = BevIoUEvaluator()  # whole grid, Simple-BEV protocol (valid_bev mask)
+        # whole grid, per class, Simple-BEV protocol (valid_bev mask); no threshold sweep in training
+        self.iou = BevIoUEvaluator(classes=self.classes, map_thresholds=())
         self.finite_steps = self.steps = 0
         self.data_time = self.step_time = 0.0
         self.samples = 0
@@ -81,7 +83,7 @@ class Window:
         rec = {
             "loss": packed[0].item() / n if self.finite_steps else math.nan,
             "parts": {k: packed[1 + i].item() / n for i, k in enumerate(keys)},
-            "iou": self.iou.compute()["simplebev"]["iou"],  # collective
+            **iou_scalars(self.iou.compute()),  # collective
             "data_time": self.data_time / max(self.steps, 1),
             "step_time": self.step_time / max(self.steps, 1),
             "samples_per_s": self.samples / max(self.step_time, 1e-9),
@@ -98,7 +100,7 @@ class MetricLogger:
         self.cfg, self.world_size, self.say = cfg, world_size, say
         self.writer_t, self.writer_v = writers
         self.log_file = log_file
-        self.window = Window(device)
+        self.window = Window(device, cfg.model.outputs)
         self.history: List[Dict[str, Any]] = []
         self.last_val: Dict[str, Any] | None = None
         self.ema_step_time: float | None = None
@@ -127,7 +129,7 @@ class MetricLogger:
             w.add_scalar("loss", rec["loss"], step)
             for k, v in rec["parts"].items():
                 w.add_scalar(f"loss/{k}", v, step)
-            for k in ("iou", "lr", "nonfinite_total"):
+            for k in ("lr", "nonfinite_total", *(k for k in rec if "iou" in k)):
                 w.add_scalar(k, rec[k], step)
             w.add_scalar("time/data", rec["data_time"], step)
             w.add_scalar("time/step", rec["step_time"], step)
@@ -135,7 +137,7 @@ class MetricLogger:
         parts_s = " ".join(f"{k} {v:.4f}" for k, v in rec["parts"].items())
         self.say(
             f"step {step:>7d}/{self.cfg.max_iters} | loss {rec['loss']:.4f} ({parts_s}) | "
-            f"iou {100 * rec['iou']:.2f} | lr {rec['lr']:.2e} | data {rec['data_time']:.3f}s "
+            f"{format_ious(rec)} | lr {rec['lr']:.2e} | data {rec['data_time']:.3f}s "
             f"step {rec['step_time']:.3f}s | {rec['samples_per_s']:.2f} samples/s | "
             f"eta {format_duration(eta)}"
         )
@@ -152,15 +154,14 @@ class MetricLogger:
         self._record(self.last_val)
         if self.writer_v is not None:
             for k, v in res.items():
-                self.writer_v.add_scalar(k if k in ("loss", "iou") else f"loss/{k}", v, step)
-        self.say(
-            f"val  {step:>7d}/{self.cfg.max_iters} | loss {res['loss']:.4f} | iou {100 * res['iou']:.2f}"
-        )
+                self.writer_v.add_scalar(k if k == "loss" or "iou" in k else f"loss/{k}", v, step)
+        self.say(f"val  {step:>7d}/{self.cfg.max_iters} | loss {res['loss']:.4f} | {format_ious(res)}")
 
 
 class Validator:
     """``val_batches`` batches from the val cursor every ``val_freq`` steps: mean losses and the
-    whole-grid IoU (Simple-BEV protocol) over those batches and all ranks."""
+    whole-grid IoU per class (Simple-BEV protocol; map layers also BEVFusion's iou@max) over those
+    batches and all ranks."""
 
     def __init__(self, cfg, state, model: torch.nn.Module, autocast, device, world_size: int, safe):
         self.cfg, self.state, self.model = cfg, state, model
@@ -188,28 +189,29 @@ class Validator:
             with self.autocast():
                 return forward(raw_model, batch)
 
-        losses, iou = LossMeans(raw_model), IoU()
+        losses, iou = LossMeans(raw_model), IoU(classes=self.cfg.model.outputs)
         self.model.eval()
         run_batches(predict, self._batches(step), [losses, iou, self.last], self.device)
         self.model.train()
         result = losses.compute(self.cfg.val_batches * self.world_size)  # collective
-        result["iou"] = iou.compute()["simplebev"]["iou"]  # collective: counts summed over ranks
+        result.update(iou_scalars(iou.compute()))  # collective: counts summed over ranks
         return result
 
 
 class Pictures:
     """BEV composites (cameras, ground truth, prediction) to TensorBoard every ``viz_freq`` steps."""
 
-    def __init__(self, viz_freq: int, vox_util, writers):
+    def __init__(self, viz_freq: int, vox_util, writers, classes=None, viz_class: str = ""):
         self.viz_freq, self.vox_util = viz_freq, vox_util
         self.writer_t, self.writer_v = writers
+        self.classes, self.viz_class = classes, viz_class
 
     def due(self, step: int) -> bool:
         return bool(self.viz_freq) and step % self.viz_freq == 0 and self.writer_t is not None
 
     def log(self, split: str, step: int, batch, out) -> None:
         writer = self.writer_t if split == "train" else self.writer_v
-        log_bev_images(writer, "bev", batch, out, step, self.vox_util)
+        log_bev_images(writer, "bev", batch, out, step, self.vox_util, self.classes, self.viz_class)
 
 
 class NonFiniteGuard:

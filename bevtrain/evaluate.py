@@ -46,6 +46,7 @@ from bevtrain.build import (
     configure_cuda,
     configure_threads,
     forward,
+    precision_note,
     resolve_data_dir,
 )
 from bevtrain.checkpoint import (
@@ -56,6 +57,7 @@ from bevtrain.checkpoint import (
     load_checkpoint,
     load_weights,
 )
+from bevtrain.classes import ClassSpecError
 from bevtrain.config import (
     EVAL_DEFAULTS,
     EVAL_SHORTCUTS,
@@ -78,7 +80,8 @@ from bevtrain.inference import (
     run_batches,
     slowest_rank,
 )
-from bevtrain.metrics import PROTOCOLS, format_table
+from bevtrain.metrics import MAP_PROTOCOL, MAP_PROTOCOL_LABEL, PROTOCOLS, format_table
+from bevtrain.viz import class_index
 
 __all__ = ["cli", "EvalError", "EvalOptions", "evaluate", "find_checkpoint", "run_split", "main"]
 
@@ -266,6 +269,33 @@ def _override_note(k: str, trained: Mapping[str, Any], cfg: Config) -> str:
 
 def _frozen_equal(a: Any, b: Any) -> bool:
     return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+def check_classes(trained: Mapping[str, Any], cfg: Config, source: Any) -> None:
+    """The classes asked for must be those the checkpoint was trained on (names, kinds and sources, in
+    channel order): its heads score nothing else. EvalError naming both lists otherwise."""
+    try:
+        asked = Config(cfg).model.outputs
+    except ClassSpecError as e:
+        raise EvalError(f"--classes: {e}") from None
+    try:
+        saved = {k: trained[k] for k in ("classes", "class_groups") if k in trained}
+        had = Config({**cfg, **saved}).model.outputs
+    except ClassSpecError as e:
+        raise EvalError(f"{source}: the checkpoint's classes cannot be read: {e}") from None
+    if had != asked:
+        same_names = [c.name for c in had] == [c.name for c in asked]
+        detail = (" (same names, other definitions: " + "; ".join(
+            f"{a.name}: {a.kind} {list(a.sources)} (checkpoint) vs {b.kind} {list(b.sources)} (now)"
+            for a, b in zip(had, asked) if a != b) + ")") if same_names else ""
+        raise EvalError(
+            f"the checkpoint {source} was trained on classes {[c.name for c in had]}, but "
+            f"{[c.name for c in asked]} were asked for{detail}: a model scores only the classes it has "
+            f"heads for. Drop --classes / --class_groups (the run's own are used), or evaluate a checkpoint "
+            f"trained on those classes"
+        )
+    try:
+        class_index(asked, cfg.viz_class)
+    except ValueError as e:
+        raise EvalError(f"--{e}") from None
 
 
 def check_val_split(cfg: Config) -> None:
@@ -300,16 +330,20 @@ def run_split(
     viz_width: int = 400,
     show_progress: bool = False,
     world_size: int = 1,
+    classes=None,
+    viz_class: str = "",
 ) -> Dict[str, Any]:
-    """Run ``predict(batch on device) -> seg logits (B, 1, Z, X)`` over ``loader``; the metric path.
+    """Run ``predict(batch on device) -> seg logits (B, C, Z, X)`` over ``loader``; the metric path.
+    ``classes``: the outputs of the C channels (default ``[vehicle]``); ``viz_class`` the pictures'
+    error class.
 
     Every dataset position in ``expected`` (default: all ``n``) must enter the metric exactly once
     across ranks (inference.ExactlyOnce). Samples whose position is in ``draw`` are rendered to PNGs
     in ``viz_dir``. Returns the metric (``BevIoUEvaluator.compute()``, {} without it), sample count,
     seconds (slowest rank), forward seconds and the PNG paths written by this rank.
     """
-    tally, iou = ExactlyOnce(n, expected), IoU(vox_util)
-    pictures = Pictures(draw, viz_dir, vox_util, viz_width)
+    tally, iou = ExactlyOnce(n, expected), IoU(vox_util, classes)
+    pictures = Pictures(draw, viz_dir, vox_util, viz_width, classes, viz_class)
     progress = ProgressBar(math.ceil(tally.samples / world_size), show_progress)
     evaluators = [tally, *([iou] if compute_metric else []), pictures, progress]
     timing = run_batches(
@@ -343,6 +377,7 @@ def evaluate(init_dir: str = "", load_step: Any = None, **flags: Any) -> Dict[st
     run = open_run(own["init_dir"], own["load_step"], ckpt_dir)
     run.legacy = {k: v for k, v in run.legacy.items() if k not in overrides}
     cfg, notes = eval_config(run.trained, overrides)
+    check_classes(run.trained, cfg, run.file)
     if is_simplebev(run.weights):
         from bevtrain.convert_simplebev import check_simplebev_settings
 
@@ -439,6 +474,7 @@ def evaluate_run(
     )
     autocast, _, dtype = build_precision(cfg.amp, device)  # the same precision as training's
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    classes = cfg.model.outputs
     evaluated = report.evaluated_name(cfg.data_dir, cfg.dset, options.split)
     # --viz_only draws other samples (and no scores): never into a full evaluation's folders.
     prefix = "viz_only" if options.viz_only else "viz"
@@ -448,7 +484,8 @@ def evaluate_run(
     say(
         f"[eval] {options.split} split of {cfg.dset} at {cfg.data_dir}: {n} samples; "
         f"{'visualising ' + str(len(chosen)) + ' (viz_only)' if options.viz_only else 'all of them'}; "
-        f"{info.world_size} process(es), batch {per_rank}/process, device {device}, {precision}, {threads}"
+        f"{info.world_size} process(es), batch {per_rank}/process, device {device}, "
+        f"{precision_note(cfg.amp, device)}, {threads}; classes {[c.name for c in classes]}"
     )
 
     def predict(batch):
@@ -468,6 +505,8 @@ def evaluate_run(
         viz_width=options.viz_width,
         show_progress=info.is_main,
         world_size=info.world_size,
+        classes=classes,
+        viz_class=cfg.viz_class,
     )
     pngs = sorted({p for part in all_gather_object(done["pngs"]) for p in part})
     barrier()
@@ -510,8 +549,15 @@ def _summary(cfg, run: TrainedRun, notes, options: EvalOptions, info, done, n, p
     if not options.viz_only:
         result = done["result"]
         summary["threshold"] = result["threshold"]
+        # The first class's numbers where a one-class evaluation always had them; every class below.
         summary["iou"] = {p: result[p]["iou"] for p in PROTOCOLS}
         summary["protocols"] = report.protocol_entries(result, cfg.target_raster)
+        summary["classes"] = result["classes"]
+        summary["per_class"] = result["per_class"]
+        summary["mean_iou"] = result["mean_iou"]
+        summary["protocol_labels"] = report.protocol_labels(result, cfg.target_raster)
+        if MAP_PROTOCOL in result:
+            summary[MAP_PROTOCOL] = {**result[MAP_PROTOCOL], "label": MAP_PROTOCOL_LABEL}
     return summary
 
 

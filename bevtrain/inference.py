@@ -6,7 +6,8 @@ batch and the outputs. What is measured or written is the evaluators' business:
 
 - ``ExactlyOnce``: every dataset position enters the metric exactly once across ranks (a sample a
   sampler pads in twice counts once; marks the batch's ``keep``), or an EvalError;
-- ``IoU``: ``metrics.BevIoUEvaluator`` counts (with distance bands when built with a grid);
+- ``IoU``: ``metrics.BevIoUEvaluator`` counts per class (with distance bands when built with a grid,
+  and BEVFusion's threshold sweep for map layers);
 - ``LossMeans``: the training losses, averaged over batches and ranks (validation);
 - ``Pictures``: PNG composites of chosen samples; ``LastBatch``: the last batch, for TensorBoard;
 - ``ProgressBar``: the one progress line.
@@ -24,7 +25,7 @@ from bevtrain import viz
 from bevtrain.build import to_device
 from bevtrain.distributed import all_reduce_, all_reduce_sum
 from bevtrain.losses import compute_losses
-from bevtrain.metrics import BevIoUEvaluator
+from bevtrain.metrics import BEVFUSION_THRESHOLDS, BevIoUEvaluator
 from bevtrain.progress import Progress
 
 # What the model and the metric read; the rest of a batch (names, strings) stays on the host.
@@ -114,10 +115,11 @@ class ExactlyOnce:
 
 
 class IoU:
-    """Vehicle IoU counts (``BevIoUEvaluator``: both protocols; distance bands with ``vox_util``)."""
+    """Per-class IoU counts (``BevIoUEvaluator``: both protocols; distance bands with ``vox_util``;
+    BEVFusion's sweep over ``map_thresholds`` for map layers). ``classes``: the model's outputs."""
 
-    def __init__(self, vox_util=None):
-        self.metric = BevIoUEvaluator(vox_util)
+    def __init__(self, vox_util=None, classes=None, map_thresholds=BEVFUSION_THRESHOLDS):
+        self.metric = BevIoUEvaluator(vox_util, classes=classes, map_thresholds=map_thresholds)
 
     def process(self, batch: Mapping[str, Any], out: Mapping[str, torch.Tensor]) -> None:
         self.metric.update(
@@ -126,6 +128,30 @@ class IoU:
 
     def compute(self) -> Dict[str, Any]:
         return self.metric.compute()  # collective
+
+
+def iou_scalars(result: Mapping[str, Any]) -> Dict[str, float]:
+    """The numbers a training log keeps of ``BevIoUEvaluator.compute()``: 'iou' (Simple-BEV protocol at 0.5;
+    with several classes their mean) and, for several classes or map layers, 'iou/<class>' per class and
+    for map layers 'iou@max/<layer>' and 'miou@max' (BEVFusion's protocol, threshold picked on the data)."""
+    out = {"iou": result["mean_iou"]["simplebev"]}
+    per_class = result["per_class"]
+    if len(per_class) > 1 or "bevfusion" in result:
+        out.update({f"iou/{name}": r["simplebev"]["iou"] for name, r in per_class.items()})
+    if "bevfusion" in result:
+        out.update({f"iou@max/{name}": per_class[name]["bevfusion"]["iou@max"]
+                    for name in result["bevfusion"]["layers"]})
+        out["miou@max"] = result["bevfusion"]["miou"]
+    return out
+
+
+def format_ious(scalars: Mapping[str, float]) -> str:
+    """'iou 61.20' or, per class, 'iou 61.20 (vehicle 55.10, drivable_area 82.30, ...)' in percent."""
+    def pct(v: float) -> str:
+        return "n/a" if v != v else f"{100 * v:.2f}"
+
+    per_class = [f"{k[4:]} {pct(v)}" for k, v in scalars.items() if k.startswith("iou/")]
+    return f"iou {pct(scalars['iou'])}" + (f" ({', '.join(per_class)})" if per_class else "")
 
 
 class LossMeans:
@@ -161,11 +187,14 @@ def png_name(scene: str, index: int) -> str:
 
 class Pictures:
     """A PNG composite (cameras, ground truth, prediction) per sample whose position is in ``draw``
-    (counted ones only), named ``<scene>__<index>.png`` in ``folder``."""
+    (counted ones only), named ``<scene>__<index>.png`` in ``folder``. ``classes``: the model's outputs
+    (default vehicle); ``viz_class``: the class of the error panel ('' = the first)."""
 
-    def __init__(self, draw: Sequence[int], folder: Path | None, vox_util, width: int = 400):
+    def __init__(self, draw: Sequence[int], folder: Path | None, vox_util, width: int = 400,
+                 classes=None, viz_class: str = ""):
         self.draw = set(int(i) for i in draw)
         self.folder, self.vox_util, self.width = folder, vox_util, width
+        self.classes, self.viz_class = classes, viz_class
         self.pngs: List[str] = []
 
     def process(self, batch: Mapping[str, Any], out: Mapping[str, torch.Tensor]) -> None:
@@ -177,7 +206,8 @@ class Pictures:
         host = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in batch.items()}
         seg = {"seg": out["seg"].detach().float().cpu()}
         for b in chosen:
-            image = viz.render_composite(host, seg, b, self.vox_util, cell_width=self.width)
+            image = viz.render_composite(host, seg, b, self.vox_util, cell_width=self.width,
+                                         classes=self.classes, viz_class=self.viz_class)
             png = Path(self.folder) / png_name(str(batch["scene_name"][b]), int(index[b]))
             viz.write_png(png, image)
             self.pngs.append(str(png))

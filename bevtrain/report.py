@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from bevtrain import viz
-from bevtrain.metrics import PROTOCOLS, protocol_label
+from bevtrain.metrics import MAP_PROTOCOL, MAP_PROTOCOL_LABEL, PROTOCOLS, protocol_label
 
 
 def dataset_tag(data_dir: str | Path, dset: str) -> str:
@@ -43,20 +43,34 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+PROTOCOL_MEANINGS = {
+    "simplebev": "pixels of visibility-1 boxes (0-40% visible) ignored",
+    "lss": "every box counts, no mask",
+}
+
+
 def protocol_entries(result: Mapping[str, Any], raster: str) -> Dict[str, Any]:
-    """metrics.json's ``protocols``: each protocol's counts, bands, label and what it means."""
-    meaning = {
-        "simplebev": "pixels of visibility-1 boxes (0-40% visible) ignored",
-        "lss": "every box counts, no mask",
-    }
+    """metrics.json's ``protocols``: each protocol's counts, bands, label and what it means, for the
+    first class (named in ``class``; every class is under ``per_class``)."""
+    first = (result.get("classes") or ["vehicle"])[0]
     return {
         p: dict(
             result[p],
             label=protocol_label(p, raster),
-            description=f"{meaning[p]}; ground truth from the {raster} target raster",
+            description=f"{PROTOCOL_MEANINGS[p]}; ground truth from the {raster} target raster",
+            **{"class": first},
         )
         for p in PROTOCOLS
     }
+
+
+def protocol_labels(result: Mapping[str, Any], raster: str) -> Dict[str, str]:
+    """What each protocol key under ``per_class`` means."""
+    labels = {p: f"{protocol_label(p, raster)}: {PROTOCOL_MEANINGS[p]}, sigmoid > {result['threshold']}"
+              for p in PROTOCOLS}
+    if MAP_PROTOCOL in result:
+        labels[MAP_PROTOCOL] = MAP_PROTOCOL_LABEL
+    return labels
 
 
 def write_metrics(summary: Mapping[str, Any], paths: Sequence[Path]) -> None:
@@ -102,6 +116,17 @@ def write_tensorboard(
             for band, r in result[protocol]["bands"].items():
                 if math.isfinite(r["iou"]):  # an empty band (no cell with vehicles or predictions) has none
                     writer.add_scalar(f"eval/iou_{protocol}_{tag}_{band}", r["iou"], step)
+        # Per class: iou/<class> (Simple-BEV protocol at 0.5, as in training's curves), the LSS protocol,
+        # and for map layers BEVFusion's iou@max and mIoU; an empty union has no IoU and no point.
+        for name, r in (result or {}).get("per_class", {}).items():
+            scalars = {f"iou/{name}": r["simplebev"]["iou"], f"iou_lss/{name}": r["lss"]["iou"]}
+            if MAP_PROTOCOL in r:
+                scalars[f"iou@max/{name}"] = r[MAP_PROTOCOL]["iou@max"]
+            for key, value in scalars.items():
+                if math.isfinite(value):
+                    writer.add_scalar(key, value, step)
+        if result and MAP_PROTOCOL in result and math.isfinite(result[MAP_PROTOCOL]["miou"]):
+            writer.add_scalar("miou@max", result[MAP_PROTOCOL]["miou"], step)
         if samples_per_s:
             writer.add_scalar("eval/samples_per_s", samples_per_s, step)
         for png in map(Path, pngs):

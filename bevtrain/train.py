@@ -51,6 +51,7 @@ from bevtrain.distributed import (
     per_rank_batch,
 )
 from bevtrain.duties import Checkpointer, MetricLogger, NonFiniteGuard, Pictures, Validator, format_duration
+from bevtrain.inference import format_ious
 from bevtrain.losses import compute_losses
 from bevtrain.model.encoders import ensure_backbone_weights
 from bevtrain.run_files import code_version, next_steps, trim_log, unique_run_name, write_run_info
@@ -441,7 +442,7 @@ def finish(run: Run, status: str) -> Dict[str, Any]:
     last_val, saved = run.logger.last_val, run.checkpointer.saved_path
     run.say(
         f"[bevtrain] {status}: {run.state.step - run.start_step} steps in {format_duration(elapsed)}"
-        + (f", last val iou {100 * last_val['iou']:.2f}" if last_val else "")
+        + (f", last val {format_ious(last_val)}" if last_val else "")
     )
     if saved is not None:
         for line in next_steps(run.cfg, Path(saved), run.log_run):
@@ -524,6 +525,7 @@ def prepare_config(cfg: Config, flags: Mapping[str, Any], info: DistInfo, say):
     elif cfg.init_dir:
         cfg, init = _init_config(cfg, flags, say)
     build.check_data_dir(cfg)  # a missing data_dir is said at once, not after an ImageNet download
+    _check_viz_class(cfg)
     if resume is None and not (init is not None and is_simplebev(init[0]) and not cfg.ignore_load):
         _ensure_encoder_weights(cfg, info.is_main)  # before any data: a missing file stops the run now
     if info.is_main:
@@ -540,6 +542,15 @@ def prepare_config(cfg: Config, flags: Mapping[str, Any], info: DistInfo, say):
                 f"with torchrun --nproc_per_node={len(cfg.device_ids)}"
             )
     return cfg, resume, init
+
+
+def _check_viz_class(cfg: Config) -> None:
+    from bevtrain.viz import class_index
+
+    try:
+        class_index(cfg.model.outputs, cfg.viz_class)
+    except ValueError as e:
+        raise ConfigError(f"flag {e}") from None
 
 
 def _resume_config(cfg: Config, flags: Mapping[str, Any], say):
@@ -714,7 +725,7 @@ def open_run(run: Run) -> None:
     run.test_signal = TestSignal()
     run.logger = MetricLogger(cfg, info.device, info.world_size, run.writers, run.log_file, run.say)
     run.validator = Validator(cfg, state, run.model, run.autocast, info.device, info.world_size, run)
-    run.pictures = Pictures(cfg.viz_freq, run.vox_util, run.writers)
+    run.pictures = Pictures(cfg.viz_freq, run.vox_util, run.writers, cfg.model.outputs, cfg.viz_class)
     meta = {"config": cfg.to_dict(), "run_name": run.name, "version": version, "world_size": info.world_size}
     run.checkpointer = Checkpointer(cfg, state, manager, meta, run, saved_path=run.resumed_from)
     run.guard = NonFiniteGuard(cfg.max_nonfinite, state, run.say)
@@ -737,7 +748,6 @@ def _open_folders(run: Run, version: str) -> CheckpointManager:
     if step > 0:
         trim_log(run.log_run / "train_log.jsonl", step, val_pending)
     run.log_file = open(run.log_run / "train_log.jsonl", "a")
-    dtype = build.amp_dtype(cfg.amp, run.info.device)
     workers = f"{cfg.nworkers} loader worker{'s' if cfg.nworkers != 1 else ''}" + (
         f" (the CPUs here; Simple-BEV's default is {SIMPLE_BEV_NWORKERS})"
         if cfg.nworkers < SIMPLE_BEV_NWORKERS and "nworkers" not in run.explicit else ""
@@ -745,9 +755,9 @@ def _open_folders(run: Run, version: str) -> CheckpointManager:
     run.say(
         f"[bevtrain] run {run.name}: {run.info.world_size} process(es) on {run.info.device}, "
         f"batch {cfg.batch_size} ({per_rank_batch(cfg.batch_size, run.info.world_size)}/rank) x "
-        f"grad_acc {cfg.grad_acc}, precision {build.PRECISION_NAMES[dtype]}; {cfg.target_raster} target "
-        f"raster (iou below: Simple-BEV protocol under it); {workers}, {run.threads}; "
-        f"logs {run.log_run}, checkpoints {run.ckpt_run}"
+        f"grad_acc {cfg.grad_acc}, precision {build.precision_note(cfg.amp, run.info.device)}; "
+        f"{cfg.target_raster} target raster (iou below: Simple-BEV protocol under it); {workers}, "
+        f"{run.threads}; logs {run.log_run}, checkpoints {run.ckpt_run}"
     )
     return manager
 

@@ -1,8 +1,12 @@
 """Pictures people want to look at: camera rig with projected boxes, BEV truth, prediction, errors.
 
-``render_composite(batch, out, i, vox_util)`` returns one RGB uint8 image for sample ``i`` of a
-collated batch (README batch contract) and the model output (``out['seg']`` logits,
-(B, 1, Z, X)). The training loop and the evaluator both use it. Layout::
+``render_composite(batch, out, i, vox_util, classes=..., viz_class=...)`` returns one RGB uint8 image
+for sample ``i`` of a collated batch (README batch contract) and the model output (``out['seg']``
+logits, (B, C, Z, X), one channel per class of ``classes``, default ``[vehicle]``). The training loop
+and the evaluator both use it. With one class the prediction panel is its probability heat-map; with
+several, the ground-truth and prediction panels draw every class in its registry colour
+(``bevtrain.classes``): map layers as a coloured underlay (prediction: strength = probability), objects
+as outlines over a light fill, and the legend lists them. The error panel shows ``viz_class``. Layout::
 
     +-----------------+-----------------+-----------------+
     | CAM_FRONT_LEFT  | CAM_FRONT       | CAM_FRONT_RIGHT |   GT boxes projected, coloured by
@@ -26,6 +30,7 @@ import cv2
 import numpy as np
 import torch
 
+from bevtrain.classes import DEFAULT_CLASSES, OutputClass, resolve_classes
 from bevtrain.data.index import CAMERA_NAMES
 from bevtrain.geometry import apply_4x4, project_to_pixels, scale_intrinsics
 
@@ -293,30 +298,92 @@ def sample_iou(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray | None = None)
 
 
 def _seg_logits(out, i: int) -> torch.Tensor:
+    """(C, Z, X) logits of sample ``i``."""
     seg = out["seg"] if isinstance(out, dict) else out
-    return seg[i, 0].detach().float().cpu()
+    return seg[i].detach().float().cpu()
+
+
+def class_index(classes: Sequence[OutputClass], viz_class: str = "") -> int:
+    """Channel of ``viz_class`` among ``classes`` (0 for ''); ValueError naming the classes otherwise."""
+    names = [c.name for c in classes]
+    if not viz_class:
+        return 0
+    if viz_class not in names:
+        raise ValueError(f"viz_class={viz_class!r} is not one of the model's classes {names}")
+    return names.index(viz_class)
+
+
+LAYER_ALPHA = 0.8  # a map layer's colour over what lies below it (prediction: times its probability)
+OBJECT_FILL_ALPHA = 0.35  # object footprints in the ground truth, under their outline
+
+
+def _paint(rgb: np.ndarray, alpha: np.ndarray, color) -> None:
+    """rgb (H, W, 3) float <- colour over it with per-pixel ``alpha`` (H, W) in [0, 1], in place."""
+    a = alpha[..., None].astype(np.float32)
+    rgb *= 1 - a
+    rgb += a * np.asarray(color, np.float32)
+
+
+def _draw_order(classes: Sequence[OutputClass]) -> List[int]:
+    """Map polygons first (channel order), then line layers on top, then objects."""
+    return ([k for k, c in enumerate(classes) if c.is_map and not c.line]
+            + [k for k, c in enumerate(classes) if c.is_map and c.line]
+            + [k for k, c in enumerate(classes) if c.is_object])
+
+
+def _outline(panel: np.ndarray, mask_up: np.ndarray, color, thickness: int = 1) -> None:
+    contours, _ = cv2.findContours(mask_up.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(panel, contours, -1, color, thickness, cv2.LINE_AA)
+
+
+def _class_panels(canvas: BevCanvas, classes, gt_all, valid_all, prob_all) -> List[np.ndarray]:
+    """Ground truth and prediction panels of every class: map layers as a coloured underlay (the
+    prediction's strength = its probability), objects as outlines (ground truth: over a light fill;
+    prediction: filled by probability, the ground truth outlined); cells a class ignores in grey."""
+    gt_rgb = np.zeros(gt_all.shape[1:] + (3,), np.float32)
+    gt_rgb[:] = BACKGROUND
+    pred_rgb = gt_rgb.copy()
+    order = _draw_order(classes)
+    for k in order:
+        c = classes[k]
+        fill = LAYER_ALPHA if c.is_map else OBJECT_FILL_ALPHA
+        _paint(gt_rgb, gt_all[k] * fill, c.color)
+        _paint(pred_rgb, prob_all[k] * LAYER_ALPHA, c.color)
+    ignored = ~valid_all.all(axis=0)
+    gt_rgb[ignored] = ERROR_COLORS["ignored (vis 0-40%)"]
+    gt_panel = canvas.to_panel(np.clip(gt_rgb, 0, 255).astype(np.uint8))
+    pred_panel = canvas.to_panel(np.clip(pred_rgb, 0, 255).astype(np.uint8), nearest=False)
+    for k in order:
+        if classes[k].is_object:
+            gt_up = canvas.to_panel(gt_all[k].astype(np.uint8))
+            _outline(gt_panel, gt_up, classes[k].color)
+            _outline(pred_panel, gt_up, classes[k].color)
+    return [gt_panel, pred_panel]
 
 
 def render_bev_panels(
-    batch: Dict, out, i: int, vox_util, panel_width: int = 400, threshold: float = 0.5
+    batch: Dict, out, i: int, vox_util, panel_width: int = 400, threshold: float = 0.5,
+    classes: Sequence[OutputClass] | None = None, viz_class: str = "",
 ) -> Tuple[np.ndarray, Dict[str, float]]:
-    """Ground truth | prediction heat-map | error overlay for sample ``i``, with titles."""
-    prob = torch.sigmoid(_seg_logits(out, i)).numpy()  # (Z, X)
-    gt = _np(batch["seg_bev"][i, 0]) > 0.5
-    valid = _np(batch["valid_bev"][i, 0]) > 0.5 if "valid_bev" in batch else np.ones_like(gt)
+    """Ground truth | prediction | error overlay of ``viz_class`` for sample ``i``, with titles.
+
+    ``classes``: the outputs of ``out['seg']``'s channels (default ``[vehicle]``); one class gives the
+    ground truth in white and its probability as a heat-map, several draw every class in its colour.
+    Returns the strip and the sample's IoU of ``viz_class`` under both protocols."""
+    classes = tuple(classes) if classes else resolve_classes(DEFAULT_CLASSES)
+    k = class_index(classes, viz_class)
+    prob_all = torch.sigmoid(_seg_logits(out, i)).numpy()  # (C, Z, X)
+    gt_all = _np(batch["seg_bev"][i]) > 0.5
+    valid_all = _np(batch["valid_bev"][i]) > 0.5 if "valid_bev" in batch else np.ones_like(gt_all)
+    if prob_all.shape[0] != len(classes) or gt_all.shape[0] != len(classes):
+        raise ValueError(f"{len(classes)} classes {[c.name for c in classes]}, but the prediction has "
+                         f"{prob_all.shape[0]} channels and the ground truth {gt_all.shape[0]}")
+    prob, gt, valid = prob_all[k], gt_all[k], valid_all[k]
     ref_T_ego = _np(batch["ref_T_ego"][i]) if "ref_T_ego" in batch else np.eye(4, dtype=np.float32)
     pred = prob > threshold
     canvas = BevCanvas(vox_util, panel_width)
     if prob.shape != (vox_util.Z, vox_util.X):
         raise ValueError(f"prediction grid {prob.shape} != vox_util grid {(vox_util.Z, vox_util.X)}")
-
-    gt_rgb = np.zeros(gt.shape + (3,), np.uint8)
-    gt_rgb[:] = BACKGROUND
-    gt_rgb[gt & valid] = GT_COLOR
-    gt_rgb[~valid] = ERROR_COLORS["ignored (vis 0-40%)"]
-
-    heat = cv2.applyColorMap(np.clip(prob * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
-    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
 
     err = np.zeros(gt.shape + (3,), np.uint8)
     err[:] = BACKGROUND
@@ -325,11 +392,20 @@ def render_bev_panels(
     err[~pred & gt] = ERROR_COLORS["false negative"]
     err[~valid] = ERROR_COLORS["ignored (vis 0-40%)"]
 
-    panels = [canvas.to_panel(gt_rgb), canvas.to_panel(heat, nearest=False), canvas.to_panel(err)]
-    # Ground-truth outlines on the heat-map show where the prediction should be.
-    gt_up = canvas.to_panel(gt.astype(np.uint8))
-    contours, _ = cv2.findContours(gt_up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(panels[1], contours, -1, (80, 220, 255), 1, cv2.LINE_AA)
+    single = len(classes) == 1
+    if single:
+        gt_rgb = np.zeros(gt.shape + (3,), np.uint8)
+        gt_rgb[:] = BACKGROUND
+        gt_rgb[gt & valid] = GT_COLOR
+        gt_rgb[~valid] = ERROR_COLORS["ignored (vis 0-40%)"]
+        heat = cv2.applyColorMap(np.clip(prob * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
+        heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+        panels = [canvas.to_panel(gt_rgb), canvas.to_panel(heat, nearest=False)]
+        # Ground-truth outlines on the heat-map show where the prediction should be.
+        _outline(panels[1], canvas.to_panel(gt.astype(np.uint8)), (80, 220, 255))
+    else:
+        panels = _class_panels(canvas, classes, gt_all, valid_all, prob_all)
+    panels.append(canvas.to_panel(err))
     for panel in panels:
         canvas.draw_rings(panel, ref_T_ego)
         canvas.draw_ego(panel, ref_T_ego)
@@ -340,24 +416,27 @@ def render_bev_panels(
     def fmt(v: float) -> str:
         return "n/a" if np.isnan(v) else f"{100 * v:.1f}"
 
+    name = classes[k].name
     titles = [
         "ground truth (grey: ignored)",
-        "prediction p(vehicle)",
-        f"errors  IoU {fmt(ious['simplebev'])} / LSS {fmt(ious['lss'])}",
+        f"prediction p({name})" if single else "prediction (colour strength = p)",
+        f"errors{'' if single else ' ' + name}  IoU {fmt(ious['simplebev'])} / LSS {fmt(ious['lss'])}",
     ]
     bar_h = 28
     ramp_w = max(24, min(80, canvas.width // 5))  # the heat-map's colour bar, in the prediction's title bar
     cols = []
-    for k, (panel, title) in enumerate(zip(panels, titles)):
-        bar = _label_bar(canvas.width, bar_h, title, right_margin=ramp_w + 36 if k == 1 else 0)
+    for col, (panel, title) in enumerate(zip(panels, titles)):
+        margin = ramp_w + 36 if col == 1 and single else 0
+        bar = _label_bar(canvas.width, bar_h, title, right_margin=margin)
         cols.append(np.concatenate([bar, panel], axis=0))
-    ramp = cv2.applyColorMap(
-        np.tile(np.linspace(0, 255, ramp_w).astype(np.uint8), (10, 1)), cv2.COLORMAP_INFERNO
-    )
-    x0 = canvas.width - ramp_w - 16
-    cols[1][9:19, x0 : x0 + ramp_w] = cv2.cvtColor(ramp, cv2.COLOR_BGR2RGB)
-    _put_text(cols[1], "0", (x0 - 12, 19), 0.4)
-    _put_text(cols[1], "1", (x0 + ramp_w + 3, 19), 0.4)
+    if single:
+        ramp = cv2.applyColorMap(
+            np.tile(np.linspace(0, 255, ramp_w).astype(np.uint8), (10, 1)), cv2.COLORMAP_INFERNO
+        )
+        x0 = canvas.width - ramp_w - 16
+        cols[1][9:19, x0 : x0 + ramp_w] = cv2.cvtColor(ramp, cv2.COLOR_BGR2RGB)
+        _put_text(cols[1], "0", (x0 - 12, 19), 0.4)
+        _put_text(cols[1], "1", (x0 + ramp_w + 3, 19), 0.4)
     return np.concatenate(cols, axis=1), ious
 
 
@@ -365,8 +444,9 @@ LEGEND_ROW_H = 22
 HEADER_H = 26
 
 
-def render_legend(width: int) -> np.ndarray:
-    """Two rows: box colours in the cameras; pixel colours in the BEV panels. Fits any width."""
+def render_legend(width: int, classes: Sequence[OutputClass] = ()) -> np.ndarray:
+    """Two rows: box colours in the cameras; pixel colours in the BEV panels; with several ``classes``
+    a third: each class's colour. Fits any width."""
     rows = [
         ("boxes:", [(VISIBILITY_LABELS[v], VISIBILITY_COLORS[v]) for v in (1, 2, 3, 4)]),
         ("BEV:", [
@@ -375,6 +455,8 @@ def render_legend(width: int) -> np.ndarray:
             ("ego", EGO_COLOR), ("rings 20/35/50 m", RING_COLOR),
         ]),
     ]  # fmt: skip
+    if len(classes) > 1:
+        rows.append(("classes:", [(c.name.replace("_", " "), c.color) for c in classes]))
     bar = np.full((LEGEND_ROW_H * len(rows) + 4, width, 3), BACKGROUND, np.uint8)
     for r, (head, items) in enumerate(rows):
         # Lay the row out at a nominal size, then scale it to the width if it does not fit.
@@ -401,19 +483,22 @@ def _str_of(batch: Dict, key: str, i: int) -> str:
 
 
 def render_composite(
-    batch: Dict, out, i: int, vox_util, cell_width: int = 400, threshold: float = 0.5
+    batch: Dict, out, i: int, vox_util, cell_width: int = 400, threshold: float = 0.5,
+    classes: Sequence[OutputClass] | None = None, viz_class: str = "",
 ) -> np.ndarray:
     """Camera rig + BEV ground truth / prediction / errors + legend for sample ``i``: (H, W, 3) uint8 RGB.
 
-    ``out`` is the model output dict (``out['seg']`` (B, 1, Z, X) logits) or that tensor itself.
-    Image width is ``3 * cell_width``.
+    ``out`` is the model output dict (``out['seg']`` (B, C, Z, X) logits) or that tensor itself;
+    ``classes`` its channels' outputs (default ``[vehicle]``); ``viz_class`` the class of the error panel
+    ('' = the first). Image width is ``3 * cell_width``.
     """
+    classes = tuple(classes) if classes else resolve_classes(DEFAULT_CLASSES)
     cams = render_cameras(batch, i, cell_width)
-    bev, _ = render_bev_panels(batch, out, i, vox_util, cell_width, threshold)
+    bev, _ = render_bev_panels(batch, out, i, vox_util, cell_width, threshold, classes, viz_class)
     width = 3 * cell_width
     token = _str_of(batch, "sample_token", i)
     header = f"{_str_of(batch, 'scene_name', i)}   sample {_str_of(batch, 'index', i)}   {token}"
-    parts = [_label_bar(width, HEADER_H, header.strip()), cams, bev, render_legend(width)]
+    parts = [_label_bar(width, HEADER_H, header.strip()), cams, bev, render_legend(width, classes)]
     return np.ascontiguousarray(np.concatenate(parts, axis=0))
 
 

@@ -161,3 +161,87 @@ def test_bce_pos_weight_is_simple_bevs_2_13():
     wrong = {**out, "seg": torch.tensor([[[[-20.0, 20.0], [-20.0, -20.0]]]])}
     _, parts = compute_losses(wrong, batch, Weights())
     assert parts["ce"].item() == pytest.approx((2.13 * 20 + 20) / 4, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ several classes
+class ClassWeights(Weights):
+    """The uncertainty parameters and the classes, as a Segnet with these outputs holds them."""
+
+    def __init__(self, names, map_loss="focal"):
+        from bevtrain.classes import resolve_classes
+
+        super().__init__()
+        self.classes = resolve_classes(names)
+        self.map_loss = map_loss
+        if any(c.is_map for c in self.classes):
+            self.map_weight = nn.Parameter(torch.tensor(0.0))
+
+
+def test_object_classes_take_masked_bce_with_their_own_masks_and_map_layers_their_loss():
+    from bevtrain.losses import sigmoid_focal_loss
+
+    g = torch.Generator().manual_seed(5)
+    B, Z, X = 2, 6, 7
+    seg = (torch.rand(B, 3, Z, X, generator=g) > 0.7).float()  # vehicle, pedestrian, drivable_area
+    valid = torch.ones(B, 3, Z, X)
+    valid[:, 0] = (torch.rand(B, Z, X, generator=g) > 0.3).float()
+    valid[:, 1] = (torch.rand(B, Z, X, generator=g) > 0.3).float()
+    batch = {"seg_bev": seg, "valid_bev": valid, "center_bev": torch.rand(B, 1, Z, X, generator=g),
+             "offset_bev": torch.randn(B, 2, Z, X, generator=g)}
+    out = {"seg": torch.randn(B, 3, Z, X, generator=g), "center": torch.randn(B, 1, Z, X, generator=g),
+           "offset": torch.randn(B, 2, Z, X, generator=g)}
+    model = ClassWeights(["vehicle", "pedestrian", "drivable_area"])
+    total, parts = compute_losses(out, batch, model)
+    assert set(parts) == {"ce", "center", "offset", "ce_weight", "center_weight", "offset_weight", "map",
+                          "map_weight"}
+    # Objects: BCE(pos_weight) over the valid pixels of each object channel, pooled.
+    obj_valid = valid[:, :2].bool()
+    expected_ce = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(POS_WEIGHT))(
+        out["seg"][:, :2][obj_valid], seg[:, :2][obj_valid])
+    torch.testing.assert_close(parts["ce"], expected_ce)
+    # Map layers: the focal loss (BCE x (1 - p_t)^2) averaged over the layer's pixels; no mask.
+    p = torch.sigmoid(out["seg"][:, 2])
+    t = seg[:, 2]
+    p_t = p * t + (1 - p) * (1 - t)
+    bce = nn.functional.binary_cross_entropy_with_logits(out["seg"][:, 2], t, reduction="none")
+    torch.testing.assert_close(parts["map"], (bce * (1 - p_t) ** 2).mean())
+    torch.testing.assert_close(sigmoid_focal_loss(out["seg"][:, 2], t).mean(), parts["map"])
+    # Centre and offset are class-agnostic: object cells of any class, ignored where any class ignores.
+    any_seg = seg[:, :2].amax(dim=1, keepdim=True)
+    all_valid = valid[:, :2].amin(dim=1, keepdim=True)
+    center = balanced_mse_loss(out["center"], batch["center_bev"], all_valid)
+    torch.testing.assert_close(parts["center"], center)
+    l1 = (out["offset"] - batch["offset_bev"]).abs().sum(1, keepdim=True)
+    cells = any_seg * all_valid
+    torch.testing.assert_close(parts["offset"], (l1 * cells).sum() / (cells.sum() + 1e-6))
+    expected_total = (10 * parts["ce"] + parts["center"] * 0.5 + parts["offset"] * 0.5 + 10 * parts["map"])
+    torch.testing.assert_close(total.detach(), expected_total)
+
+    # A pedestrian pixel that only the vehicle channel ignores still counts for the pedestrian.
+    only_vehicle = valid.clone()
+    only_vehicle[:, 1] = 1
+    _, parts_all = compute_losses(out, {**batch, "valid_bev": only_vehicle}, model)
+    assert parts_all["ce"] != parts["ce"]
+
+    # 'bce' for the map layers: plain BCE, mean over the pixels of each layer.
+    _, parts_bce = compute_losses(out, batch, ClassWeights(["vehicle", "pedestrian", "drivable_area"], "bce"))
+    torch.testing.assert_close(parts_bce["map"], bce.mean())
+
+
+def test_map_layers_alone_leave_the_object_terms_out_but_in_the_graph():
+    seg = torch.zeros(1, 2, 4, 4)
+    seg[0, 0, :2] = 1
+    batch = {"seg_bev": seg, "valid_bev": torch.ones_like(seg), "center_bev": torch.zeros(1, 1, 4, 4),
+             "offset_bev": torch.zeros(1, 2, 4, 4)}
+    out = {"seg": torch.zeros(1, 2, 4, 4, requires_grad=True),
+           "center": torch.zeros(1, 1, 4, 4, requires_grad=True),
+           "offset": torch.zeros(1, 2, 4, 4, requires_grad=True)}
+    model = ClassWeights(["drivable_area", "divider"])
+    total, parts = compute_losses(out, batch, model)
+    assert set(parts) == {"map", "map_weight"}
+    # At logit 0 every pixel costs log 2 x 0.5^2, whatever its label.
+    assert parts["map"].item() == pytest.approx(0.25 * math.log(2), rel=1e-6)
+    assert total.item() == pytest.approx(10 * 0.25 * math.log(2), rel=1e-6)
+    total.backward()
+    assert model.ce_weight.grad == 0 and model.center_weight.grad == 0 and out["center"].grad is not None
+    assert model.map_weight.grad != 0

@@ -218,3 +218,125 @@ def test_counts_are_summed_across_ranks():
     for rank in (0, 1):
         r = results[rank]
         assert (r["lss"]["intersection"], r["lss"]["union"], r["samples"]) == (5, 7, 2)
+
+
+# ------------------------------------------------------------------------------ several classes
+def _classes(*names):
+    from bevtrain.classes import resolve_classes
+
+    return resolve_classes(list(names))
+
+
+def test_per_class_iou_by_hand_under_both_protocols():
+    # A 3x4 grid, one sample: channel 0 = vehicle (an object with one ignored cell), 1 = pedestrian,
+    # 2 = drivable_area (a map layer: valid everywhere).
+    gt = torch.zeros(1, 3, 3, 4)
+    pred = torch.zeros(1, 3, 3, 4)
+    valid = torch.ones(1, 3, 3, 4)
+    gt[0, 0, 0, 0:3] = 1  # vehicle: 3 cells, the third of a visibility-1 box
+    valid[0, 0, 0, 2] = 0
+    pred[0, 0, 0, 1:4] = 1  # hits (0,1), (0,2) [ignored]; false positive (0,3)
+    gt[0, 1, 2, 0] = 1  # pedestrian: one cell, missed; a false positive at (1,1)
+    pred[0, 1, 1, 1] = 1
+    gt[0, 2, 1:3, :] = 1  # drivable area: the lower two rows (8 cells), predicted on the lower 1.5 rows
+    pred[0, 2, 2, :] = 1
+    pred[0, 2, 1, 0:2] = 1
+    ev = BevIoUEvaluator(classes=_classes("vehicle", "pedestrian", "drivable_area"), map_thresholds=())
+    ev.update(_logits(pred), gt, valid)
+    r = ev.compute()
+    assert r["classes"] == ["vehicle", "pedestrian", "drivable_area"]
+    pc = r["per_class"]
+    # vehicle, LSS: I = {(0,1), (0,2)} = 2, U = {(0,0)..(0,3)} = 4; Simple-BEV drops (0,2): I = 1, U = 3.
+    assert (pc["vehicle"]["lss"]["intersection"], pc["vehicle"]["lss"]["union"]) == (2, 4)
+    assert (pc["vehicle"]["simplebev"]["intersection"], pc["vehicle"]["simplebev"]["union"]) == (1, 3)
+    # pedestrian: I = 0, U = 2 under both (nothing ignored in its channel: vehicle's mask is not its own).
+    for p in ("lss", "simplebev"):
+        assert (pc["pedestrian"][p]["intersection"], pc["pedestrian"][p]["union"]) == (0, 2)
+        assert (pc["drivable_area"][p]["intersection"], pc["drivable_area"][p]["union"]) == (6, 8)
+        assert pc["drivable_area"]["kind"] == "map" and pc["vehicle"]["kind"] == "object"
+    assert r["mean_iou"]["lss"] == pytest.approx((2 / 4 + 0 + 6 / 8) / 3)
+    assert r["mean_iou"]["simplebev"] == pytest.approx((1 / 3 + 0 + 6 / 8) / 3)
+    # The first class keeps the places a one-class evaluation had.
+    assert r["simplebev"] == pc["vehicle"]["simplebev"] and r["lss"] == pc["vehicle"]["lss"]
+    ref = _reference_counts([pred[:, 0:1]], [gt[:, 0:1]], [valid[:, 0:1]])
+    assert [pc["vehicle"]["lss"]["intersection"], pc["vehicle"]["lss"]["union"]] == ref["lss"]
+    with pytest.raises(ValueError, match="expected equal"):
+        ev.update(_logits(pred[:, :2]), gt[:, :2], valid[:, :2])
+
+
+def _probability_logits(prob: torch.Tensor) -> torch.Tensor:
+    return torch.logit(prob.double()).float()
+
+
+def test_bevfusion_protocol_by_hand():
+    # One map layer, four cells with probabilities 0.30, 0.42, 0.58, 0.70; ground truth on the last three.
+    prob = torch.tensor([0.30, 0.42, 0.58, 0.70]).view(1, 1, 1, 4)
+    gt = torch.tensor([0.0, 1.0, 1.0, 1.0]).view(1, 1, 1, 4)
+    ev = BevIoUEvaluator(classes=_classes("walkway"))
+    ev.update(_probability_logits(prob), gt, torch.ones_like(gt))
+    e = ev.compute()["per_class"]["walkway"]["bevfusion"]
+    # t = 0.35, 0.40: predicted {0.42, 0.58, 0.70} = the truth: IoU 1. t = 0.45 ... 0.55: {0.58, 0.70},
+    # tp 2, fn 1: IoU 2/3. t = 0.60, 0.65: {0.70}: IoU 1/3.
+    assert e["tp"] == [3, 3, 2, 2, 2, 1, 1] and e["fp"] == [0] * 7 and e["fn"] == [0, 0, 1, 1, 1, 2, 2]
+    assert [e[f"iou@{t:.2f}"] for t in (0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65)] == pytest.approx(
+        [1, 1, 2 / 3, 2 / 3, 2 / 3, 1 / 3, 1 / 3])
+    assert e["iou@max"] == 1.0 and e["best_threshold"] == 0.40  # ties go to the larger threshold
+    # A probability exactly at a threshold counts as positive (BEVFusion's >=), unlike the 0.5 protocols.
+    at = BevIoUEvaluator(classes=_classes("walkway"))
+    half = torch.full((1, 1, 1, 1), 0.5)
+    at.update(_probability_logits(half), torch.ones_like(half), torch.ones_like(half))
+    r = at.compute()
+    assert r["per_class"]["walkway"]["bevfusion"]["iou@0.50"] == 1.0 and r["simplebev"]["iou"] == 0.0
+
+
+def test_bevfusion_max_over_thresholds_matches_a_direct_recomputation():
+    """BEVFusion's evaluate_map rewritten directly (float probabilities, counts over all samples at once,
+    tp / (tp + fp + fn)) against the evaluator fed in batches, with a vehicle channel in between."""
+    g = torch.Generator().manual_seed(3)
+    classes = _classes("drivable_area", "vehicle", "divider", "stop_line")
+    maps = [0, 2, 3]
+    batches = []
+    for _ in range(4):
+        gt = (torch.rand(2, 4, 9, 11, generator=g) > 0.6).float()
+        # Probabilities near the ground truth so that the best threshold differs between layers.
+        prob = (0.5 * gt + torch.rand(2, 4, 9, 11, generator=g) * 0.6).clamp(0.01, 0.99)
+        batches.append((_probability_logits(prob), gt))
+    ev = BevIoUEvaluator(classes=classes)
+    for logits, gt in batches:
+        ev.update(logits, gt, torch.ones_like(gt))
+    r = ev.compute()
+
+    thresholds = np.array([0.35, 0.40, 0.45, 0.50, 0.55, 0.60, 0.65], dtype=np.float32)
+    prob = torch.sigmoid(torch.cat([lg for lg, _ in batches])).numpy()[:, maps]  # (N, 3, Z, X)
+    label = torch.cat([gt for _, gt in batches]).numpy()[:, maps] > 0.5
+    maxima = []
+    for m, name in enumerate(["drivable_area", "divider", "stop_line"]):
+        p = prob[:, m].reshape(-1)[:, None] >= thresholds  # (pixels, T)
+        lab = label[:, m].reshape(-1)[:, None]
+        tp, fp, fn = (p & lab).sum(0), (p & ~lab).sum(0), (~p & lab).sum(0)
+        ious = tp / (tp + fp + fn)
+        e = r["per_class"][name]["bevfusion"]
+        assert e["tp"] == tp.tolist() and e["fp"] == fp.tolist() and e["fn"] == fn.tolist()
+        assert e["iou@max"] == pytest.approx(float(ious.max()))
+        maxima.append(float(ious.max()))
+    assert r["bevfusion"]["miou"] == pytest.approx(np.mean(maxima))
+    assert r["bevfusion"]["layers"] == ["drivable_area", "divider", "stop_line"]
+    assert "bevfusion" not in r["per_class"]["vehicle"]
+    best = {r["per_class"][n]["bevfusion"]["best_threshold"] for n in r["bevfusion"]["layers"]}
+    assert len(best) > 1  # the case exercises the per-layer choice
+
+
+def test_tables_one_per_protocol_with_a_row_per_class():
+    classes = _classes("vehicle", "drivable_area")
+    gt = torch.zeros(1, 2, 40, 40)
+    gt[0, 0, 20, 20] = 1
+    gt[0, 1, :10] = 1
+    ev = BevIoUEvaluator(vox_util=Vox_util(Z=40, Y=2, X=40), classes=classes)
+    ev.update(_logits(gt), gt, torch.ones_like(gt), _ego_at_origin(1))
+    table = format_table(ev.compute(), raster="simplebev")
+    sections = table.split("\n\n")
+    assert sections[0].startswith("Simple-BEV protocol") and sections[1].startswith("LSS protocol")
+    assert sections[2].startswith("BEVFusion protocol") and "threshold picked on the evaluated split" in table
+    for section in sections[:2]:
+        assert {line.split()[0] for line in section.splitlines()[3:]} == {"vehicle", "drivable_area", "mean"}
+    assert "mIoU" in sections[2] and "100.00" in sections[2]

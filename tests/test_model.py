@@ -223,6 +223,36 @@ def test_gradients_reach_every_parameter():
         assert getattr(model, name).item() != 0.0
 
 
+def test_one_seg_logit_per_class_and_the_default_keeps_its_state_dict():
+    torch.manual_seed(0)
+    default = small_model(latent_dim=16)
+    classes = ["vehicle", "pedestrian", "drivable_area", "divider"]
+    torch.manual_seed(0)
+    model = small_model(latent_dim=16, classes=classes)
+    assert [c.name for c in model.classes] == classes and len(default.classes) == 1
+    images, pix_T_cams, cams_T_ref = ring_inputs(B=2)
+    out = model(images, pix_T_cams, cams_T_ref)
+    assert out["seg"].shape == (2, 4, 16, 16) and out["center"].shape == (2, 1, 16, 16)
+    want = {k: tuple(v.shape) for k, v in default.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # Only the segmentation head's last conv widens, and the map layers bring their loss weight.
+    assert set(got) == set(want) | {"map_weight"} and "map_weight" not in want
+    assert {k for k in want if got[k] != want[k]} == {"decoder.seg_head.3.weight", "decoder.seg_head.3.bias"}
+    head = "decoder.seg_head.3.weight"
+    assert got[head] == (4, 16, 1, 1) and want[head] == (1, 16, 1, 1)
+    # Objects only: no map weight.
+    assert "map_weight" not in small_model(latent_dim=16, classes=["vehicle", "pedestrian"]).state_dict()
+    # Every class's logit and the map weight learn.
+    g = torch.Generator().manual_seed(1)
+    seg = (torch.rand(2, 4, 16, 16, generator=g) > 0.7).float()
+    batch = {"seg_bev": seg, "valid_bev": torch.ones_like(seg), "center_bev": seg[:, :1] * 0.9,
+             "offset_bev": torch.randn(2, 2, 16, 16, generator=g) * seg[:, :1]}
+    total, parts = compute_losses(out, batch, model)
+    total.backward()
+    assert (model.decoder.seg_head[3].weight.grad.abs().sum(dim=(1, 2, 3)) > 0).all()
+    assert model.map_weight.grad != 0 and set(parts) >= {"ce", "map"}
+
+
 @pytest.mark.parametrize("radar_features", ["simplebev", "rich"])
 def test_radar_and_lidar_change_the_output_and_padding_does_not(radar_features):
     torch.manual_seed(0)

@@ -38,7 +38,7 @@ def _head(channels: int, out_channels: int) -> nn.Sequential:
 
 
 class Decoder(nn.Module):
-    """(B, C, Z, X) BEV features -> dict of 'seg' (1), 'center' (1), 'offset' (2), 'feat' (C) maps."""
+    """(B, C, Z, X) BEV features -> dict of 'seg' (n_classes), 'center' (1), 'offset' (2), 'feat' (C) maps."""
 
     def __init__(self, in_channels: int, n_classes: int = 1):
         super().__init__()

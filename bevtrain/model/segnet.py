@@ -95,7 +95,9 @@ class Segnet(nn.Module):
             use_lidar: lidar occupancy per voxel, folded likewise;
             do_rgbcompress: fold Y into channels and compress (True), or average over Y (False);
             compat: 'none' (bevtrain's exact conventions) or 'simplebev' (Simple-BEV's forward pass,
-                see the module docstring; ``lift_impl`` is then unused).
+                see the module docstring; ``lift_impl`` is then unused);
+            classes: the named outputs (``bevtrain.classes``), one segmentation logit each, in order;
+            map_loss: the loss of the map-layer channels (``bevtrain.losses``).
         lift_impl: 'sparse' (fast) or 'reference' (grid_sample over all voxels; for comparison).
         radar_feat_dim: radar feature columns after xyz (metaradar).
 
@@ -103,7 +105,8 @@ class Segnet(nn.Module):
     lidar_count=None)``: images uint8 (B, S, 3, H, W) RGB; pix_T_cams (B, S, 4, 4) for the images
     as given; cams_T_ref (B, S, 4, 4), mirrors allowed; radar (B, R, 3+F) / lidar (B, L, 4+) points
     in the reference frame, padded, with counts (B,). Returns a dict of (B, ., Z, X) maps:
-    'seg' (1, logits), 'center' (1, logits), 'offset' (2, cells), 'feat' (latent_dim).
+    'seg' (C logits, one per class of ``self.classes``), 'center' (1, logits), 'offset' (2, cells),
+    'feat' (latent_dim).
     Run ``model.to(memory_format=torch.channels_last)`` for a channels-last network end to end.
     """
 
@@ -140,13 +143,19 @@ class Segnet(nn.Module):
                 nn.InstanceNorm2d(latent_dim),
                 nn.GELU(),
             )
-        self.decoder = Decoder(latent_dim, n_classes=1)
+        self.classes = model.outputs  # one segmentation logit per named output
+        self.map_loss = model.map_loss
+        self.decoder = Decoder(latent_dim, n_classes=len(self.classes))
 
         # Learned uncertainty weights of the three losses (Simple-BEV's names); in the model so
         # that DDP keeps them synchronised.
         self.ce_weight = nn.Parameter(torch.tensor(0.0))
         self.center_weight = nn.Parameter(torch.tensor(0.0))
         self.offset_weight = nn.Parameter(torch.tensor(0.0))
+        if any(c.is_map for c in self.classes):
+            # Map layers have a loss of their own scale; only models with map layers carry its weight,
+            # so vehicle-only models keep Simple-BEV's state-dict names.
+            self.map_weight = nn.Parameter(torch.tensor(0.0))
 
     def _memory_format(self) -> torch.memory_format:
         channels_last = self.decoder.first_conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -245,4 +254,4 @@ class Segnet(nn.Module):
             bev = vox.sum(dim=3).contiguous(memory_format=fmt)  # Simple-BEV sums over Y
         else:
             bev = vox.mean(dim=3).contiguous(memory_format=fmt)
-        return self.decoder(bev)  # (B, 1|1|2|latent, Z, X)
+        return self.decoder(bev)  # (B, C|1|2|latent, Z, X)
