@@ -12,7 +12,9 @@ still runs) and each written to DIR/results.{md,json} as soon as it ends:
 2. model: the paper model (res101, 448x800, 6 cameras, 200x8x200, batch 8): forward, loss,
    backward, clipping and AdamW step, each (precision, lift) in its own process
    (benchmarks/model.py's ``run_row``): fp32 (TF32 on, as training), bf16 autocast,
-   bf16 + channels_last, bf16 + torch.compile; sparse lift and grid_sample reference lift.
+   bf16 + channels_last, bf16 + torch.compile; sparse lift and grid_sample reference lift; and
+   bf16 / sparse with configs/multiclass.yaml's eight classes (vehicle, pedestrian, six map layers),
+   its time and memory against the vehicle row (goal <= 1.05x time).
    ms/step (median), samples/s, first step (compilation, cudnn search), peak GPU memory.
 3. train: ``configs/rgb.yaml`` (batch 8 x grad_acc 5) for 60 steps on the synthetic set with
    nworkers = CPU cores, no validation, through bevtrain.train.main itself. Over the steps
@@ -58,16 +60,23 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import model as model_bench  # noqa: E402  (benchmarks/model.py)
 
-FULL_ROWS = (  # by priority: training's own setting and the lift comparison first; when time runs
-    ("bf16", "sparse"),  # out the last rows are reported as skipped
-    ("bf16", "reference"),
-    ("fp32", "sparse"),
-    ("bf16_channels_last", "sparse"),
-    ("bf16_compile", "sparse"),
-    ("fp32", "reference"),
-    ("bf16_channels_last", "reference"),
-    ("bf16_compile", "reference"),
+FULL_ROWS = (  # (mode, lift, classes) by priority: training's own setting, the multi-class head and the
+    ("bf16", "sparse", "vehicle"),  # lift comparison first; when time runs out the last rows are skipped
+    ("bf16", "sparse", "multiclass"),
+    ("bf16", "reference", "vehicle"),
+    ("fp32", "sparse", "vehicle"),
+    ("bf16_channels_last", "sparse", "vehicle"),
+    ("bf16_compile", "sparse", "vehicle"),
+    ("fp32", "reference", "vehicle"),
+    ("bf16_channels_last", "reference", "vehicle"),
+    ("bf16_compile", "reference", "vehicle"),
 )
+
+
+def parse_row(item: str):
+    """'mode:lift' or 'mode:lift:classes' -> (mode, lift, classes)."""
+    mode, lift, *rest = item.split(":")
+    return mode, lift, (rest[0] if rest else "vehicle")
 
 PROFILES: Dict[str, Dict[str, Any]] = {
     "full": dict(
@@ -368,19 +377,19 @@ class Bench:
     # 2 ---------------------------------------------------------------------------------------------
     def model(self) -> None:
         mp = self.p["model"]
-        rows = self.args.rows if self.args.rows is not None else [f"{m}:{lift}" for m, lift in FULL_ROWS]
+        rows = self.args.rows if self.args.rows is not None else [":".join(r) for r in FULL_ROWS]
         stage_end = time.perf_counter() + mp["stage_s"]
         for item in rows:
-            mode, lift = item.split(":")
+            mode, lift, classes = parse_row(item)
             spec = dict(setting=mp["setting"], mode=mode, lift=lift, iters=mp["iters"], warmup=mp["warmup"],
                         batch=mp["batch"], optimizer=True, budget_s=mp["row_budget_s"],
-                        compile_backend=mp["compile_backend"])
+                        compile_backend=mp["compile_backend"], classes=classes)
             left = min(self.left("model"), stage_end - time.perf_counter())
             if left < MIN_ROW_S:
                 row = dict(spec, error=f"skipped: time budget ({left:.0f} s left)")
             else:
                 limit = mp["compile_timeout_s"] if mode.endswith("_compile") else mp["row_timeout_s"]
-                say(f"[gpu-bench] model: {mode} / {lift} lift (limit {min(limit, left):.0f} s)")
+                say(f"[gpu-bench] model: {mode} / {lift} lift / {classes} (limit {min(limit, left):.0f} s)")
                 row = model_bench.run_row(spec, self.device, min(limit, left), threads=mp["threads"],
                                           log=str(self.out / "model.log"))
             self.results["model"].append(row)
@@ -510,6 +519,11 @@ def render_markdown(res: Dict[str, Any]) -> str:
     lines += ["", "| what | setting | ms/step | samples/s | peak MB | notes |", "|" + "---|" * 6]
     for r in res.get("model", []):
         what = f"model step, {MODE_NAMES.get(r['mode'], r['mode'])}, {r['lift']} lift"
+        if r.get("classes", "vehicle") != "vehicle":
+            what += f", {r['classes']} ({len(model_bench.class_set(r['classes']))} classes)"
+        versus = [q for q in res.get("model", []) if "error" not in q and "error" not in r
+                  and q.get("classes", "vehicle") == "vehicle" and r.get("classes", "vehicle") != "vehicle"
+                  and (q["mode"], q["lift"], q["setting"]) == (r["mode"], r["lift"], r["setting"])]
         cfg = model_bench.SETTINGS.get(r["setting"], {})
         setting = (f"{cfg.get('encoder_type')} {cfg.get('H')}x{cfg.get('W')} grid "
                    f"{'x'.join(map(str, cfg.get('grid', ())))} batch {r['batch']}")
@@ -518,9 +532,12 @@ def render_markdown(res: Dict[str, Any]) -> str:
         else:
             graphs = (f", {r['compiled_graphs']} graphs, {r['graph_breaks']} graph breaks"
                       if "compiled_graphs" in r else "")
+            ratio = (f", {r['ms_per_iter'] / versus[0]['ms_per_iter']:.3f}x the time and "
+                     f"{r['peak_mem_mb'] / versus[0]['peak_mem_mb']:.3f}x the memory of [vehicle]"
+                     if versus else "")
             lines.append(f"| {what} | {setting} | {_fmt(r['ms_per_iter'])} | {_fmt(r['samples_per_s'])} | "
                          f"{_fmt(r['peak_mem_mb'], '.0f')} | first step {_fmt(r['first_ms'], '.0f', ' ms')}, "
-                         f"{r['iters']} timed{graphs} |")
+                         f"{r['iters']} timed{graphs}{ratio} |")
     t = res.get("train", {})
     if t:
         fl = t.get("flags", {})
@@ -573,8 +590,8 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     ap.add_argument("--work", default="/tmp/bevtrain-gpu-bench", help="scratch folder (data set, runs)")
     ap.add_argument("--data_dir", default="", help="an existing nuScenes-format dataroot (no generation)")
     ap.add_argument("--keyframes", type=int, default=0, help="keyframes per synthetic scene (0: profile's)")
-    ap.add_argument("--rows", default="", help="model rows as mode:lift,... (default: all, see FULL_ROWS; "
-                    "none: no model rows)")
+    ap.add_argument("--rows", default="", help="model rows as mode:lift[:classes],... (classes: vehicle, the "
+                    "default, or multiclass; default: all, see FULL_ROWS; none: no model rows)")
     ap.add_argument("--steps", type=int, default=0, help="training steps (0: the profile's)")
     ap.add_argument("--budget", type=float, default=0.0, help="deadline in seconds (0: the profile's)")
     ap.add_argument("--_stage", default="", help=argparse.SUPPRESS)
@@ -589,10 +606,11 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     if args.rows == ["none"]:
         args.rows = []
     for r in args.rows or []:
-        mode, _, lift = r.partition(":")
-        if mode not in model_bench.MODES or lift not in model_bench.LIFTS:
-            ap.error(f"--rows: {r!r} is not mode:lift, mode in {model_bench.MODES}, "
-                     f"lift in {model_bench.LIFTS}")
+        mode, lift, classes = parse_row(r)
+        known = (mode in model_bench.MODES, lift in model_bench.LIFTS, classes in model_bench.CLASS_SETS)
+        if not all(known):
+            ap.error(f"--rows: {r!r} is not mode:lift[:classes], mode in {model_bench.MODES}, "
+                     f"lift in {model_bench.LIFTS}, classes in {model_bench.CLASS_SETS}")
     bench = Bench(args, PROFILES["dry" if args.dry else "full"])
     bench.meta()
     bench.save()

@@ -5,7 +5,10 @@ Settings:
   cpu:   res18, res_scale 0.5 -> 112x200 images, 6 cameras, 200/8/200
   tiny:  res18, 56x100 images, 6 cameras, 32/4/32 (checks the code paths in seconds: no figure)
 Modes: fp32, bf16 (autocast), channels_last (fp32), bf16_channels_last, bf16_compile
-(torch.compile, backend --compile_backend). Batch 1 unless --batch; --optimizer adds
+(torch.compile, backend --compile_backend). Classes (--classes): vehicle (Simple-BEV's one channel)
+and multiclass (the classes of configs/multiclass.yaml: vehicle, pedestrian and six map layers, with
+their losses); with both, the multiclass rows are compared with the vehicle ones (time and memory
+ratios). Batch 1 unless --batch; --optimizer adds
 gradient clipping and an AdamW step, as one training step does. On CUDA the training loop's
 defaults apply (bevtrain.build.configure_cuda: cudnn.benchmark, TF32 for fp32 work).
 
@@ -22,6 +25,7 @@ loss and the backward pass, not data loading.
   python benchmarks/model.py --settings cpu --iters 3
   python benchmarks/model.py --settings cpu,paper --modes fp32 --iters 1 --json out.json
   python benchmarks/model.py --settings paper --batch 8 --optimizer --modes bf16,bf16_compile
+  python benchmarks/model.py --settings paper --modes bf16 --lifts sparse --classes vehicle,multiclass
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from bevtrain.build import compile_model, configure_cuda  # noqa: E402
 from bevtrain.config import ModelConfig  # noqa: E402
@@ -54,6 +60,18 @@ SETTINGS = {
     "tiny": dict(encoder_type="res18", H=56, W=100, grid=(32, 4, 32)),
 }
 MODES = ("fp32", "bf16", "channels_last", "bf16_channels_last", "bf16_compile")
+
+
+def class_set(name: str) -> list:
+    """The output classes of a benchmark row: 'vehicle', or 'multiclass' = configs/multiclass.yaml's."""
+    if name == "vehicle":
+        return ["vehicle"]
+    if name == "multiclass":
+        return list(yaml.safe_load((REPO / "configs" / "multiclass.yaml").read_text())["classes"])
+    raise ValueError(f"unknown class set {name!r}; valid: vehicle, multiclass")
+
+
+CLASS_SETS = ("vehicle", "multiclass")
 # nuScenes camera yaws (degrees, left positive) in the dataset's camera order; CAM_FRONT is ref.
 CAMERA_YAWS = (55.0, 0.0, -55.0, 110.0, 180.0, -110.0)
 
@@ -76,14 +94,15 @@ def nuscenes_like_rig(B: int, H: int, W: int):
     return pad_intrinsics(K).expand(B, S, 4, 4).clone(), torch.stack(cams_T_ref).expand(B, S, 4, 4).clone()
 
 
-def random_batch(B, Z, X, device, seed=0):
+def random_batch(B, Z, X, device, seed=0, C=1):
     g = torch.Generator().manual_seed(seed)
-    seg = (torch.rand(B, 1, Z, X, generator=g) > 0.95).float()
+    seg = (torch.rand(B, C, Z, X, generator=g) > 0.95).float()
+    first = seg[:, :1]
     batch = {
         "seg_bev": seg,
         "valid_bev": torch.ones_like(seg),
-        "center_bev": seg * torch.rand(B, 1, Z, X, generator=g),
-        "offset_bev": torch.randn(B, 2, Z, X, generator=g) * seg,
+        "center_bev": first * torch.rand(B, 1, Z, X, generator=g),
+        "offset_bev": torch.randn(B, 2, Z, X, generator=g) * first,
     }
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -105,13 +124,16 @@ def run_one(
     optimizer: bool = False,
     budget_s: float = 0.0,
     compile_backend: str = "inductor",
+    classes: str = "vehicle",
 ) -> dict:
     device = torch.device(device_name)
     configure_cuda(device)
     cfg = SETTINGS[setting]
     (Z, Y, X), B = cfg["grid"], batch
     torch.manual_seed(0)
-    settings = ModelConfig.make(Z=Z, Y=Y, X=X, encoder_type=cfg["encoder_type"], encoder_weights="none")
+    names = class_set(classes)
+    settings = ModelConfig.make(Z=Z, Y=Y, X=X, encoder_type=cfg["encoder_type"], encoder_weights="none",
+                                classes=names)
     model = Segnet(settings, lift_impl=lift).to(device)
     channels_last = "channels_last" in mode
     if channels_last:
@@ -124,7 +146,7 @@ def run_one(
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (B, 6, 3, cfg["H"], cfg["W"]), dtype=torch.uint8, generator=g)
     images, pix_T_cams, cams_T_ref = images.to(device), pix_T_cams.to(device), cams_T_ref.to(device)
-    targets = random_batch(B, Z, X, device)
+    targets = random_batch(B, Z, X, device, C=len(names))
     use_bf16 = mode.startswith("bf16")
 
     def step():
@@ -171,6 +193,8 @@ def run_one(
         setting=setting,
         mode=mode,
         lift=lift,
+        classes=classes,
+        n_classes=len(names),
         encoder_type=cfg["encoder_type"],
         image_hw=[cfg["H"], cfg["W"]],
         grid=list(cfg["grid"]),
@@ -234,6 +258,15 @@ def run_row(spec: dict, device: str, timeout_s: float = 0.0, threads: int = 0, l
     return dict(spec, **result, wall_s=wall)
 
 
+def multiclass_ratio_line(multi: dict, vehicle: dict) -> str:
+    """The multiclass row against the vehicle row of the same setting, mode and lift."""
+    return (f"{multi['setting']:7} {multi['mode']:19} {multi['lift']:9} {multi['ms_per_iter']:9.1f} ms vs "
+            f"{vehicle['ms_per_iter']:9.1f} ms = {multi['ms_per_iter'] / vehicle['ms_per_iter']:.3f}x time "
+            f"(cpu {multi['cpu_ms_per_iter'] / vehicle['cpu_ms_per_iter']:.3f}x), peak "
+            f"{multi['peak_mem_mb']:.0f} vs {vehicle['peak_mem_mb']:.0f} MB = "
+            f"{multi['peak_mem_mb'] / vehicle['peak_mem_mb']:.3f}x")
+
+
 def lift_only(device_name: str, H: int, W: int, iters: int) -> dict:
     """Forward+backward of the lift alone (128 channels, stride-8 features), sparse vs reference."""
     from bevtrain.model.lift import feature_pix_T_ref, lift_features, lift_reference
@@ -266,6 +299,7 @@ def main():
         "--modes", default="fp32,bf16,channels_last", help=f"comma list of {', '.join(MODES)}"
     )
     parser.add_argument("--lifts", default="sparse,reference", help=f"comma list of {', '.join(LIFTS)}")
+    parser.add_argument("--classes", default="vehicle", help=f"comma list of {', '.join(CLASS_SETS)}")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1, help="samples per step")
@@ -299,41 +333,57 @@ def main():
     settings = [s for s in args.settings.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]
     lifts = [m for m in args.lifts.split(",") if m]
-    choices = ((settings, SETTINGS, "settings"), (modes, MODES, "modes"), (lifts, LIFTS, "lifts"))
+    class_sets = [c for c in args.classes.split(",") if c]
+    choices = ((settings, SETTINGS, "settings"), (modes, MODES, "modes"), (lifts, LIFTS, "lifts"),
+               (class_sets, CLASS_SETS, "classes"))
     for value, valid, flag in choices:
         bad = [v for v in value if v not in valid]
         if bad:
             parser.error(f"--{flag}: unknown {bad}; valid: {', '.join(valid)}")
 
     results, lift_results = [], {}
-    header = f"{'setting':7} {'mode':19} {'lift':9} {'params':>7} {'ms/iter':>9} {'cpu ms':>9} {'peak MB':>9}"
+    header = (f"{'setting':7} {'mode':19} {'lift':9} {'classes':10} {'params':>7} {'ms/iter':>9} "
+              f"{'cpu ms':>9} {'peak MB':>9}")
     print(f"device={device} threads={args.threads or torch.get_num_threads()}\n{header}\n{'-' * len(header)}")
     for setting in settings:
         for mode in modes:
             for lift in lifts:
-                spec = dict(setting=setting, mode=mode, lift=lift, iters=args.iters, warmup=args.warmup,
-                            batch=args.batch, optimizer=args.optimizer, budget_s=args.budget,
-                            compile_backend=args.compile_backend)
-                r = run_row(spec, device, args.row_timeout, args.threads)
-                if "error" in r:
-                    print(f"{setting:7} {mode:19} {lift:9} FAILED: {r['error']}")
-                    continue
-                results.append(r)
-                print(
-                    f"{setting:7} {mode:19} {lift:9} {r['params_m']:6.2f}M {r['ms_per_iter']:9.1f} "
-                    f"{r['cpu_ms_per_iter']:9.1f} {r['peak_mem_mb']:9.0f}",
-                    flush=True,
-                )
+                # class sets innermost: their rows run one after the other, under the same load
+                for classes in class_sets:
+                    spec = dict(setting=setting, mode=mode, lift=lift, iters=args.iters, warmup=args.warmup,
+                                batch=args.batch, optimizer=args.optimizer, budget_s=args.budget,
+                                compile_backend=args.compile_backend, classes=classes)
+                    r = run_row(spec, device, args.row_timeout, args.threads)
+                    if "error" in r:
+                        print(f"{setting:7} {mode:19} {lift:9} {classes:10} FAILED: {r['error']}")
+                        continue
+                    results.append(r)
+                    print(
+                        f"{setting:7} {mode:19} {lift:9} {classes:10} {r['params_m']:6.2f}M "
+                        f"{r['ms_per_iter']:9.1f} {r['cpu_ms_per_iter']:9.1f} {r['peak_mem_mb']:9.0f}",
+                        flush=True,
+                    )
         if args.lift_only:
             cfg = SETTINGS[setting]
             lift_results[setting] = lift_only(device, cfg["H"], cfg["W"], max(args.iters, 1))
 
+    if len(class_sets) > 1:
+        print("\nmulticlass (configs/multiclass.yaml's classes) vs vehicle (goal: time <= 1.05x):")
+        for r in results:
+            if r.get("classes") != "multiclass":
+                continue
+            key = (r["setting"], r["mode"], r["lift"])
+            base = [q for q in results if q.get("classes") == "vehicle"
+                    and (q["setting"], q["mode"], q["lift"]) == key]
+            if base:
+                print("  " + multiclass_ratio_line(r, base[0]))
     print("\nsparse lift vs reference lift (whole forward+backward):")
     for r in results:
-        if r["lift"] != "sparse":
+        if r["lift"] != "sparse" or r.get("classes", "vehicle") != "vehicle":
             continue
         key = (r["setting"], r["mode"])
-        ref = [q for q in results if q["lift"] == "reference" and (q["setting"], q["mode"]) == key]
+        ref = [q for q in results if q["lift"] == "reference" and (q["setting"], q["mode"]) == key
+               and q.get("classes", "vehicle") == "vehicle"]
         if ref:
             q = ref[0]
             print(

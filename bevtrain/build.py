@@ -72,7 +72,8 @@ def resolve_data_dir(cfg: Mapping[str, Any], announce: bool = True) -> Config:
             f"[bevtrain] no nuScenes at {cfg.data_dir}: using the synthetic set at {synth} "
             f"(dset 'mini'{', generating it now' if not _has_nuscenes_tables(synth) else ''})"
         )
-    ensure_synthetic(synth, keyframes=cfg.synthetic_keyframes, progress=announce)
+    width, height = cfg.synthetic_size
+    ensure_synthetic(synth, keyframes=cfg.synthetic_keyframes, width=width, height=height, progress=announce)
     return cfg.replace(data_dir=str(synth), dset="mini")
 
 
@@ -81,9 +82,11 @@ def build_vox_util(cfg: Mapping[str, Any]) -> Vox_util:
 
 
 def build_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
+    """The Segnet of a config, in channels-last layout with ``channels_last``."""
     from bevtrain.model import Segnet
 
-    return Segnet(ModelConfig.from_config(cfg))
+    model = Segnet(ModelConfig.from_config(cfg))
+    return model.to(memory_format=torch.channels_last) if cfg.get("channels_last") else model
 
 
 def build_dataset(cfg: Mapping[str, Any], split: str = "train", is_train: bool = True):

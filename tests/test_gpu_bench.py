@@ -137,11 +137,12 @@ def test_dry_run_whole(tmp_path):
     """The whole dry command: generating a tiny set, all model rows, training, evaluation."""
     res, md, _ = run_dry(tmp_path, timeout=1800)
     assert res["data"]["source"] == "generated" and "error" not in res["data"]
-    rows = {(r["mode"], r["lift"]): r for r in res["model"]}
+    rows = {(r["mode"], r["lift"], r["classes"]): r for r in res["model"]}
     assert set(rows) == set(gpu_bench.FULL_ROWS)
     assert not [r["error"] for r in rows.values() if "error" in r]
     check_train_and_eval(res, res["data"]["data_dir"])
     assert md.count("| model step,") == len(gpu_bench.FULL_ROWS)
+    assert "x the time and" in md  # the multiclass row against the vehicle row
 
 
 @pytest.mark.slow
@@ -155,3 +156,16 @@ def test_training_over_its_time_limit_stops_with_a_checkpoint_and_eval_still_run
     assert Path(t["checkpoint"]).is_file()
     assert res["eval"]["samples"] == val_split_size(synthetic_root)
     assert "stopped by SIGTERM" in md
+
+
+def test_multiclass_rows_are_set_against_the_vehicle_row():
+    assert model_bench.class_set("multiclass")[:2] == ["vehicle", "pedestrian"]
+    assert len(model_bench.class_set("multiclass")) == 8
+    common = dict(setting="paper", mode="bf16", lift="sparse", batch=8, iters=5, first_ms=900.0)
+    rows = [dict(common, classes="vehicle", ms_per_iter=400.0, samples_per_s=20.0, peak_mem_mb=1000.0),
+            dict(common, classes="multiclass", ms_per_iter=410.0, samples_per_s=19.5, peak_mem_mb=1100.0)]
+    md = gpu_bench.render_markdown({"profile": "full", "meta": {}, "model": rows})
+    multi = [line for line in md.splitlines() if "multiclass (8 classes)" in line]
+    assert len(multi) == 1 and "1.025x the time and 1.100x the memory of [vehicle]" in multi[0]
+    assert gpu_bench.parse_row("bf16:sparse") == ("bf16", "sparse", "vehicle")
+    assert ("bf16", "sparse", "multiclass") in gpu_bench.FULL_ROWS[:2]

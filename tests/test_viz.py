@@ -281,3 +281,63 @@ def test_gif_keeps_the_pictures_colours_and_a_readable_legend(tmp_path):
     assert _has_color(png, viz.EGO_COLOR) > 0 and _has_color(png, viz.ERROR_COLORS["true positive"]) > 0
     legend = slice(png.shape[0] - 48, png.shape[0])
     assert np.abs(got[legend].astype(int) - png[legend]).mean() < 1.0
+# ------------------------------------------------------------------------------ several classes
+def _multiclass_batch():
+    """The rig batch with channels vehicle (its boxes), drivable_area (the forward half of the grid) and
+    pedestrian (empty), as the dataset's multi-class contract has them."""
+    from bevtrain.classes import resolve_classes
+
+    batch, vox = make_rig_batch([(20.0, 30.0, 0.0, 4), (-20.0, -30.0, 0.0, 1)])
+    vehicle, valid = batch["seg_bev"], batch["valid_bev"]
+    area = torch.zeros_like(vehicle)
+    area[..., vox.Z // 2 :, :] = 1  # rows grow forward: the forward half
+    batch["seg_bev"] = torch.cat([vehicle, area, torch.zeros_like(vehicle)], dim=1)
+    batch["valid_bev"] = torch.cat([valid, torch.ones_like(valid), torch.ones_like(valid)], dim=1)
+    return batch, vox, resolve_classes(["vehicle", "drivable_area", "pedestrian"])
+
+
+def test_several_classes_colour_the_panels_and_the_error_panel_follows_viz_class():
+    batch, vox, classes = _multiclass_batch()
+    area_rgb = np.round(0.2 * np.array(viz.BACKGROUND) + 0.8 * np.array(classes[1].color))
+    oracle = _oracle(batch)
+    strip, ious = viz.render_bev_panels(batch, oracle, 0, vox, panel_width=200, classes=classes)
+    bar = 28
+    gt_panel, pred_panel, err_panel = strip[bar:, :200], strip[bar:, 200:400], strip[bar:, 400:]
+    # The map layer is an underlay over the forward (upper) half only, in GT and prediction alike.
+    for panel in (gt_panel, pred_panel):
+        ys, _ = np.nonzero(np.abs(panel.astype(int) - area_rgb).max(-1) <= 2)
+        assert len(ys) > 5000 and ys.max() < 100
+    # The vehicle is outlined in its colour in both; the error panel is the first class's (vehicle).
+    for panel in (gt_panel, pred_panel):
+        assert _has_color(panel, classes[0].color, tol=40) > 10
+    assert ious["simplebev"] == pytest.approx(1.0)
+    vehicle_tp = _has_color(err_panel, viz.ERROR_COLORS["true positive"])
+    assert 20 < vehicle_tp < 2000
+
+    # viz_class picks the class of the error panel: now the whole forward half is a true positive...
+    strip, ious = viz.render_bev_panels(batch, oracle, 0, vox, panel_width=200, classes=classes,
+                                        viz_class="drivable_area")
+    assert _has_color(strip[bar:, 400:], viz.ERROR_COLORS["true positive"]) > 10 * vehicle_tp
+    # ... and an empty drivable-area prediction makes it a false negative, leaving the other classes alone.
+    no_area = {"seg": oracle["seg"].clone()}
+    no_area["seg"][:, 1] = -20.0
+    strip, ious = viz.render_bev_panels(batch, no_area, 0, vox, panel_width=200, classes=classes,
+                                        viz_class="drivable_area")
+    assert ious["lss"] == 0.0 and _has_color(strip[bar:, 400:], viz.ERROR_COLORS["false negative"]) > 5000
+    assert not (np.abs(strip[bar:, 200:400].astype(int) - area_rgb).max(-1) <= 2).any()
+
+    with pytest.raises(ValueError, match=r"viz_class='lane' is not one of the model's classes \['vehicle'"):
+        viz.render_bev_panels(batch, oracle, 0, vox, classes=classes, viz_class="lane")
+    with pytest.raises(ValueError, match="3 classes"):
+        viz.render_bev_panels(batch, {"seg": oracle["seg"][:, :1]}, 0, vox, classes=classes)
+
+
+def test_several_classes_add_a_legend_row_naming_them():
+    batch, vox, classes = _multiclass_batch()
+    vehicle_only, _ = make_rig_batch([(20.0, 30.0, 0.0, 4)])
+    one = viz.render_composite(vehicle_only, _oracle(vehicle_only), 0, vox, cell_width=CELL)
+    many = viz.render_composite(batch, _oracle(batch), 0, vox, cell_width=CELL, classes=classes)
+    assert many.shape[0] == one.shape[0] + viz.LEGEND_ROW_H and many.shape[1] == one.shape[1]
+    legend = many[-viz.LEGEND_ROW_H - 4 :]
+    for c in classes:
+        assert _has_color(legend, c.color) >= 50  # each class's swatch (10 x 10 px)
