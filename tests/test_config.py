@@ -195,3 +195,44 @@ def test_path_values_are_accepted_where_a_string_is_expected(tmp_path):
     assert DataConfig.make(data_dir=tmp_path, cache_dir=tmp_path / "c").cache_dir == str(tmp_path / "c")
     cfg, _ = resolve_config({"log_dir": tmp_path})
     assert cfg.log_dir == str(tmp_path)
+
+
+def test_bf16_if_native_follows_the_cpu_flags(tmp_path, monkeypatch):
+    import torch
+
+    from bevtrain import build
+
+    with_bf16 = tmp_path / "cpuinfo_bf16"
+    with_bf16.write_text("processor: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n")
+    without = tmp_path / "cpuinfo_avx2"
+    without.write_text("processor: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert build.cpu_native_bf16(with_bf16) == ("avx512_bf16",)
+    assert build.cpu_native_bf16(without) == () and build.cpu_native_bf16(tmp_path / "none") == ()
+    cpu = torch.device("cpu")
+    cases = ((build.cpu_native_bf16(with_bf16), torch.bfloat16, "this CPU has avx512_bf16"),
+             (build.cpu_native_bf16(without), None, "this CPU lacks avx512_bf16 and amx_bf16"))
+    for found, dtype, says in cases:
+        monkeypatch.setattr(build, "cpu_native_bf16", lambda found=found: found)  # as if on that CPU
+        assert build.amp_dtype("bf16_if_native", cpu) == dtype
+        assert says in build.precision_note("bf16_if_native", cpu)
+    # The other choices keep their meaning: auto is fp32 on the CPU, bf16 is bf16 anywhere.
+    assert build.amp_dtype("auto", cpu) is None and build.amp_dtype("bf16", cpu) == torch.bfloat16
+    assert build.precision_note("none", cpu) == "fp32"
+
+
+def test_synthetic_size_and_channels_last(tmp_path):
+    import torch
+
+    from bevtrain.build import build_model
+
+    with pytest.raises(ConfigError, match="synthetic_size"):
+        resolve_config({"synthetic_size": [800]})
+    with pytest.raises(ConfigError, match="synthetic_size"):
+        resolve_config({"synthetic_size": [16, 9]})
+    cfg, _ = resolve_config({"config": "configs/quickstart.yaml"})
+    assert cfg.synthetic_size == [800, 450] and cfg.channels_last and cfg.amp == "bf16_if_native"
+    model = build_model(cfg)
+    conv = model.decoder.first_conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    plain = build_model(cfg.replace(channels_last=False)).decoder.first_conv.weight
+    assert plain.is_contiguous()

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -273,6 +274,14 @@ def test_clear_errors(trained_run, synthetic_root, tmp_path):
     torch.save(ckpt, bad / "model-000000002.pth")
     with pytest.raises(EvalError, match="does not match the model"):
         evaluate(init_dir=str(bad), tensorboard=False, viz_every=0)
+
+    # Other classes than the checkpoint was trained on: both lists named (same count or not).
+    for asked in (["pedestrian"], ["vehicle", "drivable_area"]):
+        named = rf"trained on classes \['vehicle'\], but {re.escape(str(asked))} were asked"
+        with pytest.raises(EvalError, match=named):
+            evaluate(init_dir=str(run_dir), classes=asked, tensorboard=False, viz_every=0)
+    with pytest.raises(EvalError, match=r"viz_class='lane' is not one of the model's classes \['vehicle'\]"):
+        evaluate(init_dir=str(run_dir), viz_class="lane", tensorboard=False, viz_every=0)
 
     # data_dir without the split's tables.
     with pytest.raises(EvalError, match=r"has no v1.0-trainval/ .*pass --dset=mini"):

@@ -157,3 +157,39 @@ def test_first_20_steps_and_their_eval_are_unchanged(synthetic_root, tmp_path, o
         for k in TARGET_KEYS:
             got_sum = got["dataset"][name][k]["sum"]
             assert got_sum == pytest.approx(keys[k]["sum"], rel=1e-5, abs=1e-3), (name, k)
+
+
+SIMPLEBEV_GOLDEN = Path(__file__).parent / "golden" / "simplebev_eval.json"
+
+
+def test_a_simplebev_checkpoint_scores_the_same_counts_as_before(synthetic_root, tmp_path, one_thread):
+    """A Simple-BEV checkpoint folder (its saverloader format, random weights, a small effb0 model) evaluated
+    on the synthetic val split: the integer counts of both protocols and every band, compared with what
+    the evaluation gave before per-class heads and metrics (written by the one-class code, 14a13b4)."""
+    from test_simplebev_compat import TINY, random_state, save_like_saverloader, simplebev_shapes
+
+    from bevtrain.evaluate import evaluate
+
+    folder = tmp_path / "8x5_5e-4_rgb12_22:43:46"
+    save_like_saverloader(folder, random_state(simplebev_shapes("effb0", 16, 4), seed=3), step=300,
+                          module_prefix=True)
+    summary = evaluate(init_dir=str(folder), data_dir=str(synthetic_root), cache_dir=str(tmp_path / "cache"),
+                       batch_size=2, viz_every=0, tensorboard=False, metrics_path=str(tmp_path / "m.json"),
+                       **TINY)
+    protocols = summary["protocols"]
+    counts = {p: {"intersection": protocols[p]["intersection"], "union": protocols[p]["union"],
+                  "bands": {b: [v["intersection"], v["union"]] for b, v in protocols[p]["bands"].items()}}
+              for p in ("simplebev", "lss")}
+    got = {"samples": summary["samples"], "compat": summary["compat"], "counts": counts}
+    if os.environ.get("BEVTRAIN_WRITE_GOLDEN"):
+        SIMPLEBEV_GOLDEN.write_text(json.dumps({"fingerprint": fingerprint(), **got}, indent=1) + "\n")
+        pytest.skip(f"wrote {SIMPLEBEV_GOLDEN}")
+    want = json.loads(SIMPLEBEV_GOLDEN.read_text())
+    assert got["compat"] == "simplebev" and got["samples"] == want["samples"]
+    assert 0 < got["counts"]["lss"]["intersection"] < got["counts"]["lss"]["union"]  # not a trivial case
+    if want["fingerprint"] == fingerprint():
+        assert got["counts"] == want["counts"]
+        return
+    for p, w in want["counts"].items():
+        assert got["counts"][p]["union"] == pytest.approx(w["union"], rel=0.02)
+        assert got["counts"][p]["intersection"] == pytest.approx(w["intersection"], rel=0.02, abs=20)

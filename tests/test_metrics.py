@@ -236,8 +236,9 @@ def test_per_class_iou_by_hand_under_both_protocols():
     gt[0, 0, 0, 0:3] = 1  # vehicle: 3 cells, the third of a visibility-1 box
     valid[0, 0, 0, 2] = 0
     pred[0, 0, 0, 1:4] = 1  # hits (0,1), (0,2) [ignored]; false positive (0,3)
-    gt[0, 1, 2, 0] = 1  # pedestrian: one cell, missed; a false positive at (1,1)
-    pred[0, 1, 1, 1] = 1
+    gt[0, 1, 2, 0] = 1  # pedestrian: one cell, missed; false positives at (1,1) and at (0,2), where
+    pred[0, 1, 1, 1] = 1  # only the vehicle channel ignores a cell
+    pred[0, 1, 0, 2] = 1
     gt[0, 2, 1:3, :] = 1  # drivable area: the lower two rows (8 cells), predicted on the lower 1.5 rows
     pred[0, 2, 2, :] = 1
     pred[0, 2, 1, 0:2] = 1
@@ -249,9 +250,9 @@ def test_per_class_iou_by_hand_under_both_protocols():
     # vehicle, LSS: I = {(0,1), (0,2)} = 2, U = {(0,0)..(0,3)} = 4; Simple-BEV drops (0,2): I = 1, U = 3.
     assert (pc["vehicle"]["lss"]["intersection"], pc["vehicle"]["lss"]["union"]) == (2, 4)
     assert (pc["vehicle"]["simplebev"]["intersection"], pc["vehicle"]["simplebev"]["union"]) == (1, 3)
-    # pedestrian: I = 0, U = 2 under both (nothing ignored in its channel: vehicle's mask is not its own).
+    # pedestrian: I = 0, U = 3 under both (nothing ignored in its channel: vehicle's mask is not its own).
     for p in ("lss", "simplebev"):
-        assert (pc["pedestrian"][p]["intersection"], pc["pedestrian"][p]["union"]) == (0, 2)
+        assert (pc["pedestrian"][p]["intersection"], pc["pedestrian"][p]["union"]) == (0, 3)
         assert (pc["drivable_area"][p]["intersection"], pc["drivable_area"][p]["union"]) == (6, 8)
         assert pc["drivable_area"]["kind"] == "map" and pc["vehicle"]["kind"] == "object"
     assert r["mean_iou"]["lss"] == pytest.approx((2 / 4 + 0 + 6 / 8) / 3)
