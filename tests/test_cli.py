@@ -113,7 +113,7 @@ def test_presets_by_name_from_any_folder(tmp_path, monkeypatch):
     assert resolve_config({"config": "mine.yaml"})[0].lr == 1e-3  # a file here wins
     with pytest.raises(ConfigError) as err:
         resolve_config({"config": "rbg"})
-    assert "presets: lidar, quickstart, radar, rgb" in str(err.value)
+    assert "presets: lidar, maps, multiclass, quickstart, quickstart_maps, radar, rgb" in str(err.value)
 
 
 def test_presets_ship_with_a_regular_install():
