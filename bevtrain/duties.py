@@ -168,6 +168,7 @@ class Validator:
         self.autocast, self.device, self.world_size = autocast, device, world_size
         self.safe = safe  # the run's safe points: test signals, stop checks, bad-sample log
         self.last = LastBatch()
+        self.last_result: Dict[str, Any] | None = None  # the last validation's BevIoUEvaluator.compute()
 
     def due(self, step: int) -> bool:
         """Every val_freq steps, and at the last step (a run, resumed or not, ends validated)."""
@@ -194,7 +195,8 @@ class Validator:
         run_batches(predict, self._batches(step), [losses, iou, self.last], self.device)
         self.model.train()
         result = losses.compute(self.cfg.val_batches * self.world_size)  # collective
-        result.update(iou_scalars(iou.compute()))  # collective: counts summed over ranks
+        self.last_result = iou.compute()  # collective: counts summed over ranks
+        result.update(iou_scalars(self.last_result))
         return result
 
 

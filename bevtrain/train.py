@@ -53,6 +53,7 @@ from bevtrain.distributed import (
 from bevtrain.duties import Checkpointer, MetricLogger, NonFiniteGuard, Pictures, Validator, format_duration
 from bevtrain.inference import format_ious
 from bevtrain.losses import compute_losses
+from bevtrain.metrics import format_table
 from bevtrain.model.encoders import ensure_backbone_weights
 from bevtrain.run_files import code_version, next_steps, trim_log, unique_run_name, write_run_info
 from bevtrain.stopping import StopNow, StoppedBySignal, StopSignals, TestSignal
@@ -444,6 +445,11 @@ def finish(run: Run, status: str) -> Dict[str, Any]:
         f"[bevtrain] {status}: {run.state.step - run.start_step} steps in {format_duration(elapsed)}"
         + (f", last val {format_ious(last_val)}" if last_val else "")
     )
+    tables = getattr(getattr(run, "validator", None), "last_result", None)
+    if last_val and tables and len(tables["classes"]) > 1:
+        # Several classes: the last validation's numbers per class under each protocol, as eval prints them.
+        run.say(f"[bevtrain] last validation, step {last_val['step']}, {tables['samples']} val samples:\n"
+                + format_table(tables, raster=run.cfg.target_raster))
     if saved is not None:
         for line in next_steps(run.cfg, Path(saved), run.log_run):
             run.say(line)

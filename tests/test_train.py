@@ -357,3 +357,35 @@ def test_loader_workers_are_gone_when_the_run_returns(tmp_path, synthetic_root):
     before = set(multiprocessing.active_children())
     main(**tiny(tmp_path, synthetic_root, nworkers=2, max_iters=2))
     assert set(multiprocessing.active_children()) - before == set()
+
+
+def test_several_classes_train_and_evaluate_with_a_table_per_protocol(tmp_path, synthetic_root, capsys):
+    """Issue 23: a run on vehicle and two map layers logs iou/<class> (val also iou@max and mIoU), ends by
+    printing the last validation's tables under the three protocols, and eval_nuscenes prints them again
+    and writes them per class to metrics.json."""
+    from bevtrain.evaluate import evaluate
+
+    classes = ["vehicle", "drivable_area", "divider"]
+    res = main(**tiny(tmp_path, synthetic_root, classes=classes, max_iters=2, exp_name="classes"))
+    said = capsys.readouterr().out
+    titles = ("Simple-BEV protocol", "LSS protocol", "BEVFusion protocol")
+    tables = said[said.index("[bevtrain] last validation, step 2"):]
+    assert all(title in tables for title in titles)
+    assert {line.split()[0] for line in tables.splitlines() if line.split()} >= set(classes)
+    val = [r for r in train_log(res["log_dir"]) if r["split"] == "val"][-1]
+    logged = {f"iou/{c}" for c in classes} | {"iou@max/drivable_area", "iou@max/divider", "miou@max"}
+    assert logged <= set(val)
+    _, tags, _ = scalar_tags(Path(res["log_dir"]) / "v")
+    assert {f"iou/{c}" for c in classes} <= tags
+
+    summary = evaluate(init_dir=res["ckpt_dir"], viz_every=0, tensorboard=False,
+                       metrics_path=str(tmp_path / "metrics.json"))
+    said = capsys.readouterr().out
+    assert all(title in said for title in titles)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["classes"] == summary["classes"] == classes
+    assert {"simplebev", "lss", "bevfusion"} <= set(saved["per_class"]["drivable_area"])
+    assert "bevfusion" not in saved["per_class"]["vehicle"]
+    # One-class runs keep their last line and print no tables.
+    one = main(**tiny(tmp_path, synthetic_root, max_iters=2, exp_name="one"))
+    assert "last validation" not in capsys.readouterr().out and one["last_val"]["step"] == 2
