@@ -165,7 +165,8 @@ SIMPLEBEV_GOLDEN = Path(__file__).parent / "golden" / "simplebev_eval.json"
 def test_a_simplebev_checkpoint_scores_the_same_counts_as_before(synthetic_root, tmp_path, one_thread):
     """A Simple-BEV checkpoint folder (its saverloader format, random weights, a small effb0 model) evaluated
     on the synthetic val split: the integer counts of both protocols and every band, compared with what
-    the evaluation gave before per-class heads and metrics (written by the one-class code, i22-targets d8770ad)."""
+    the evaluation gave before per-class heads and metrics (written by the
+    one-class code of i22-targets d8770ad; bdb935f gives the same)."""
     from test_simplebev_compat import TINY, random_state, save_like_saverloader, simplebev_shapes
 
     from bevtrain.evaluate import evaluate
