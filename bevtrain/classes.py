@@ -20,9 +20,10 @@ This module imports nothing from bevtrain: every part may read it.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Sequence, Tuple
+
+from bevtrain.suggest import closest_name
 
 OBJECT = "object"
 MAP = "map"
@@ -141,8 +142,8 @@ def _user_group(name: str, spec: Any) -> OutputClass:
 
 
 def _closest(name: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    close = closest_name(name, known)
+    return f" (did you mean '{close}'?)" if close else ""
 
 
 def _looks_like_category(name: str) -> bool:

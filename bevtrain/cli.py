@@ -17,11 +17,12 @@ The traceback of a usage or data error is printed with ``--debug``; a training r
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn, Sequence
+
+from bevtrain.suggest import closest_name
 
 # Standard library only at import: the synthetic-data generator uses this module too, without torch.
 
@@ -168,8 +169,8 @@ class ArgumentParser(argparse.ArgumentParser):
                      if a.option_strings and a.option_strings[0].startswith("--")]
             if first.startswith("--"):
                 name = first[2:].split("=", 1)[0]
-                close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-                hint = f"; did you mean '--{close[0]}'?" if close else ""
+                close = closest_name(name, known)
+                hint = f"; did you mean '--{close}'?" if close else ""
                 message = f"unknown flag '--{name}'{hint} (see {self.prog} --help)"
             else:
                 message = f"unexpected argument '{first}': flags are --name=value (see {self.prog} --help)"

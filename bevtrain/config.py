@@ -9,7 +9,6 @@ names, suggests the closest known one.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import sys
@@ -21,6 +20,7 @@ import yaml
 
 from bevtrain.classes import ClassSpecError, resolve_classes
 from bevtrain.geometry import DEFAULT_BOUNDS, DEFAULT_CENTROID
+from bevtrain.suggest import closest_name
 
 
 class ConfigError(ValueError):
@@ -298,10 +298,10 @@ ALIASES: Dict[str, str] = {
 def suggest(name: str, known: Iterable[str] = FLAG_BY_NAME) -> str:
     known = list(known)
     candidates = known + [a for a, target in ALIASES.items() if target in known]
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    close = closest_name(name, candidates)
     if not close:
         return ""
-    return f"; did you mean '{ALIASES.get(close[0], close[0])}'?"
+    return f"; did you mean '{ALIASES.get(close, close)}'?"
 
 
 # How the kinds that are not Python types read in a message.
