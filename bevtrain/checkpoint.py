@@ -31,6 +31,8 @@ from typing import Any, Dict, Iterable, List, Sequence, Union
 import numpy as np
 import torch
 
+from bevtrain.disk import TEMP_RE, DiskFullError, atomic_write
+
 CKPT_RE = re.compile(r"^model-(\d{9})\.pth$")
 PathLike = Union[str, Path]
 
@@ -118,27 +120,9 @@ def resolve_init(init_dir: PathLike, ckpt_dir: PathLike | None = None) -> Path:
 
 
 # -- atomic save ----------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # Temp files are named .<file>.tmp.<host>.<pid>: a later start can tell a dead writer's leftovers
 # (same host, no such process) from a save in progress, also with ckpt_dir on a shared filesystem.
-TEMP_RE = re.compile(r"^\..+\.tmp\.(?:(?P<host>.+)\.)?(?P<pid>\d+)$")
 NO_CHECKPOINT_WHY = "stopped before its first checkpoint, or killed while writing it"
-
-
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -177,23 +161,16 @@ def remove_stale_temp_files(ckpt_dir: PathLike) -> List[Path]:
     return removed
 
 
-def atomic_save(obj: Any, path: PathLike) -> Path:
+def atomic_save(obj: Any, path: PathLike, size: int | None = None) -> Path:
     """torch.save to a temp file in the same folder, fsync, then os.replace: a reader (or a
-    crash at any moment) sees either the old state or the complete new file, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
+    crash at any moment) sees either the old state or the complete new file, never a torn one.
+    A full disk raises DiskFullError (the temp file removed, ``path`` as it was); ``size``: the file's
+    expected size for that message (e.g. the previous checkpoint's)."""
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
+
+    return atomic_write(path, write, f"checkpoint {Path(path).name}", size)
 
 
 def load_checkpoint(
@@ -249,7 +226,16 @@ class CheckpointManager:
             stale.unlink(missing_ok=True)
 
     def save(self, state: Dict[str, Any], step: int) -> Path:
-        path = atomic_save(state, checkpoint_path(self.run_dir, step))
+        before = self.latest()
+        try:
+            path = atomic_save(state, checkpoint_path(self.run_dir, step), before and before.stat().st_size)
+        except DiskFullError as e:
+            stands = (f"the checkpoint of step {int(CKPT_RE.match(before.name).group(1))} ({before}) stands"
+                      if before else "no earlier checkpoint of this run exists")
+            raise DiskFullError(
+                f"{e}; nothing was overwritten: {stands}. Free space, then continue with "
+                f"python train_nuscenes.py --resume={self.run_dir}"
+            ) from None
         for old in list_checkpoints(self.run_dir)[: -self.keep_latest]:
             old.unlink(missing_ok=True)
         return path

@@ -28,6 +28,7 @@ from bevtrain.suggest import closest_name
 
 EXIT_USAGE = 2
 EXIT_DATA = 65
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: free space (or wait) and run again
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -131,7 +132,8 @@ def run_command(
     command: Callable[[], Any], *, debug: bool = False, usage_errors: tuple = (), prog: str = ""
 ) -> Any:
     """``command()`` with the errors a user fixes printed as one ``error:`` line: ConfigError and
-    ``usage_errors`` exit 2, data errors (``data_error_types``) exit 65. With ``debug`` the traceback
+    ``usage_errors`` exit 2, data errors (``data_error_types``) exit 65, a full disk exit 75. With
+    ``debug`` the traceback
     comes first; without, a data error says where its traceback is."""
     from bevtrain.config import ConfigError
 
@@ -151,6 +153,17 @@ def run_command(
             where = f"in {saved}, or " if saved else ""
             message += f"\n(the traceback: {where}run again with --debug)"
         fail(message, EXIT_DATA)
+    except Exception as e:
+        from bevtrain.disk import DiskFullError, disk_full_message, is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        if debug:
+            traceback.print_exc()
+        if not isinstance(e, DiskFullError):  # a write of our own that no atomic writer wrapped
+            e = DiskFullError(disk_full_message(getattr(e, "filename", None) or "a file",
+                                                Path(getattr(e, "filename", None) or ".").parent))
+        fail(f"{prog + ': ' if prog else ''}{e}", EXIT_TEMPFAIL)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -69,6 +69,7 @@ from bevtrain.config import (
     fill_legacy,
     override_saved,
 )
+from bevtrain.disk import DiskFullError
 from bevtrain.distributed import all_gather_object, barrier, cleanup, init_distributed
 from bevtrain.inference import (
     BATCH_KEYS_ON_DEVICE,
@@ -357,7 +358,8 @@ def run_split(
         result = iou.compute()
         if result["samples"] != tally.samples:
             raise EvalError(f"metric counted {result['samples']} samples, expected {tally.samples}")
-    return {"result": result, "samples": tally.samples, "pngs": pictures.pngs, **timing}
+    return {"result": result, "samples": tally.samples, "pngs": pictures.pngs,
+            "disk_full": pictures.disk_full, **timing}
 
 
 def evaluate(init_dir: str = "", load_step: Any = None, **flags: Any) -> Dict[str, Any]:
@@ -509,6 +511,7 @@ def evaluate_run(
         viz_class=cfg.viz_class,
     )
     pngs = sorted({p for part in all_gather_object(done["pngs"]) for p in part})
+    picture_errors = [e for e in all_gather_object(done["disk_full"]) if e]
     barrier()
     summary = _summary(cfg, run, notes, options, info, done, n, precision, per_rank)
     summary["viz_dir"] = str(out_viz) if chosen else None
@@ -517,7 +520,8 @@ def evaluate_run(
         tb_dir = Path(cfg.log_dir) / run.file.parent.name / f"eval-{evaluated}"
         if options.viz_only:  # its pictures are other samples: not at a full evaluation's step and tags
             tb_dir = tb_dir.with_name(tb_dir.name + "-viz_only")
-        _write_outputs(cfg, run, summary, done["result"], options, pngs, (out_viz, tb_dir), say)
+        folders = (out_viz, tb_dir)
+        _write_outputs(cfg, run, summary, done["result"], options, pngs, folders, say, picture_errors)
     summary["pngs"] = pngs  # every rank's, on every rank
     return summary
 
@@ -561,9 +565,15 @@ def _summary(cfg, run: TrainedRun, notes, options: EvalOptions, info, done, n, p
     return summary
 
 
-def _write_outputs(cfg, run: TrainedRun, summary, result, options: EvalOptions, pngs, folders, say):
+def _write_outputs(cfg, run: TrainedRun, summary, result, options: EvalOptions, pngs, folders, say,
+                   disk_full=()):
     """Rank 0: the table, metrics.json, GIFs, TensorBoard, and where each went. ``folders``: the
-    picture folder and the TensorBoard folder of this evaluation."""
+    picture folder and the TensorBoard folder of this evaluation. ``disk_full``: why pictures stopped.
+
+    The scores are printed first and every file is written atomically, so a full disk costs what could
+    not be written and nothing else: the rest is still written, then one DiskFullError names what is
+    missing (no traceback, exit 75 from the command line)."""
+    disk_full = list(disk_full)
     out_viz, tb_dir = folders
     if not options.viz_only:
         say(format_table(result, raster=cfg.target_raster))
@@ -584,9 +594,18 @@ def _write_outputs(cfg, run: TrainedRun, summary, result, options: EvalOptions, 
             if options.metrics_path
             else [out_viz / "metrics.json", run.file.parent / "metrics.json"]
         )
-        report.write_metrics(summary, metrics_files)
-        summary["metrics_path"] = str(metrics_files[0])
-    gifs = report.write_scene_gifs([Path(p) for p in pngs], options.gif_fps, options.gif_scale)
+        try:
+            report.write_metrics(summary, metrics_files)
+            summary["metrics_path"] = str(metrics_files[0])
+        except DiskFullError as e:
+            disk_full.insert(0, f"{e} (any earlier metrics.json there is unchanged; the scores are above)")
+            metrics_files = []
+    gifs = []
+    if not disk_full:
+        try:
+            gifs = report.write_scene_gifs([Path(p) for p in pngs], options.gif_fps, options.gif_scale)
+        except DiskFullError as e:
+            disk_full.append(str(e))
     summary["gifs"] = [str(g) for g in gifs]
     if options.tensorboard:
         summary["tensorboard"] = report.write_tensorboard(
@@ -599,6 +618,9 @@ def _write_outputs(cfg, run: TrainedRun, summary, result, options: EvalOptions, 
         say(f"[eval] metrics: {metrics_files[0]}{also}")
     if options.tensorboard:
         say(f"[eval] TensorBoard: tensorboard --logdir={summary['tensorboard']}")
+    if disk_full:
+        raise DiskFullError("; ".join(disk_full[:1] + [f"also: {e}" for e in disk_full[1:2]])
+                            + f". {len(pngs)} pictures were written before the disk filled up")
 
 
 EVAL_USAGE = """Evaluate a trained run on the whole val split: IoU under both protocols (Simple-BEV's, with

@@ -23,6 +23,7 @@ import torch
 
 from bevtrain import viz
 from bevtrain.build import to_device
+from bevtrain.disk import DiskFullError
 from bevtrain.distributed import all_reduce_, all_reduce_sum
 from bevtrain.losses import compute_losses
 from bevtrain.metrics import BEVFUSION_THRESHOLDS, BevIoUEvaluator
@@ -196,6 +197,7 @@ class Pictures:
         self.folder, self.vox_util, self.width = folder, vox_util, width
         self.classes, self.viz_class = classes, viz_class
         self.pngs: List[str] = []
+        self.disk_full: str = ""  # why drawing stopped: the scores go on without pictures
 
     def process(self, batch: Mapping[str, Any], out: Mapping[str, torch.Tensor]) -> None:
         index = batch["index"].tolist()
@@ -209,7 +211,11 @@ class Pictures:
             image = viz.render_composite(host, seg, b, self.vox_util, cell_width=self.width,
                                          classes=self.classes, viz_class=self.viz_class)
             png = Path(self.folder) / png_name(str(batch["scene_name"][b]), int(index[b]))
-            viz.write_png(png, image)
+            try:
+                viz.write_png(png, image)
+            except DiskFullError as e:
+                self.disk_full, self.folder = str(e), None
+                return
             self.pngs.append(str(png))
 
 

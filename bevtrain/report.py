@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from bevtrain import viz
+from bevtrain.disk import atomic_write_text
 from bevtrain.metrics import MAP_PROTOCOL, MAP_PROTOCOL_LABEL, PROTOCOLS, protocol_label
 
 
@@ -74,10 +75,10 @@ def protocol_labels(result: Mapping[str, Any], raster: str) -> Dict[str, str]:
 
 
 def write_metrics(summary: Mapping[str, Any], paths: Sequence[Path]) -> None:
+    """Each file atomically: a full disk leaves the earlier metrics.json whole (DiskFullError)."""
     text = json.dumps(json_safe(summary), indent=2) + "\n"
     for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        atomic_write_text(path, text, what="metrics.json")
 
 
 def write_scene_gifs(pngs: Sequence[Path], fps: float = 2.0, scale: float = 0.5) -> List[Path]:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Mapping
+from typing import Any, List, Mapping, Tuple
 
 import bevtrain
 from bevtrain.config import Config, dump_yaml, run_name
@@ -36,13 +36,30 @@ def code_version() -> str:
     return version
 
 
-def unique_run_name(cfg: Mapping[str, Any]) -> str:
-    base = run_name(cfg, time.strftime("%H:%M:%S"))
-    name, n = base, 1
-    while (Path(cfg["log_dir"]) / name).exists() or (Path(cfg["ckpt_dir"]) / name).exists():
-        n += 1
-        name = f"{base}_{n}"
-    return name
+def claim_run_name(cfg: Mapping[str, Any], hhmmss: str | None = None) -> Tuple[str, str]:
+    """A new run's name and the clock's name for it (they differ when that one was taken), its
+    checkpoint and log folders created here, exclusively.
+
+    Runs started in the same second (array jobs, sweeps) get the same name from the clock; making the
+    folder is the claim, so a check-then-create race cannot hand one folder to two runs. ``os.mkdir``
+    is atomic on local disks and on NFS alike: a name whose folder exists already gets ``_2``, ``_3``...
+    """
+    base = run_name(cfg, hhmmss or time.strftime("%H:%M:%S"))
+    for n in range(1, 10_000):
+        name = base if n == 1 else f"{base}_{n}"
+        claimed = []
+        try:
+            for parent in (Path(cfg["ckpt_dir"]), Path(cfg["log_dir"])):
+                if parent.resolve() in [c.parent.resolve() for c in claimed]:
+                    continue  # ckpt_dir == log_dir: one folder serves both
+                parent.mkdir(parents=True, exist_ok=True)
+                (parent / name).mkdir()
+                claimed.append(parent / name)
+            return name, base
+        except FileExistsError:
+            for folder in claimed:  # the other half of this name is someone else's: give ours back
+                folder.rmdir()
+    raise RuntimeError(f"no free run name {base}_N under {cfg['ckpt_dir']} and {cfg['log_dir']}")
 
 
 def write_run_info(folders: List[Path], cfg: Config, version: str, step: int) -> None:

@@ -55,7 +55,7 @@ from bevtrain.inference import format_ious
 from bevtrain.losses import compute_losses
 from bevtrain.metrics import format_table
 from bevtrain.model.encoders import ensure_backbone_weights
-from bevtrain.run_files import code_version, next_steps, trim_log, unique_run_name, write_run_info
+from bevtrain.run_files import claim_run_name, code_version, next_steps, trim_log, write_run_info
 from bevtrain.stopping import StopNow, StoppedBySignal, StopSignals, TestSignal
 from bevtrain.train_state import SafePoint, TrainState
 
@@ -477,45 +477,64 @@ def start_run(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Run:
         torch.use_deterministic_algorithms(True, warn_only=True)
     build.configure_cuda(info.device, cfg.deterministic)
     threads = build.configure_threads(cfg.threads, info.device)
-    name = (
-        resume[0]["run_name"] if resume else broadcast_object(unique_run_name(cfg) if info.is_main else None)
-    )
+    new_parents = [Path(d) for d in (cfg.log_dir, cfg.ckpt_dir) if not Path(d).exists()]
+    claimed = _claim_name(cfg, say) if info.is_main and not resume else None
+    name = resume[0]["run_name"] if resume else broadcast_object(claimed)
     log_run, ckpt_run = Path(cfg.log_dir) / name, Path(cfg.ckpt_dir) / name
 
-    B_rank = per_rank_batch(cfg.batch_size, info.world_size)
-    train_ds = build.build_dataset(cfg, split="train", is_train=True)
-    loaders = (build.build_loader(cfg, train_ds, True, B_rank, info.rank, info.world_size), None)
-    if cfg.do_val:
-        val_ds = build.build_dataset(cfg, split="val", is_train=False)
-        loaders = (loaders[0], build.build_loader(cfg, val_ds, False, B_rank, info.rank, info.world_size))
-    # bad_samples=skip: samples left out are listed in <log_dir>/<run>/bad_samples.jsonl
-    bad_log = BadSampleLog.for_run(log_run, info.rank, train=train_ds, val=loaders[1] and loaders[1].dataset)
+    try:
+        B_rank = per_rank_batch(cfg.batch_size, info.world_size)
+        train_ds = build.build_dataset(cfg, split="train", is_train=True)
+        loaders = (build.build_loader(cfg, train_ds, True, B_rank, info.rank, info.world_size), None)
+        if cfg.do_val:
+            val_ds = build.build_dataset(cfg, split="val", is_train=False)
+            val_loader = build.build_loader(cfg, val_ds, False, B_rank, info.rank, info.world_size)
+            loaders = (loaders[0], val_loader)
+        # bad_samples=skip: samples left out are listed in <log_dir>/<run>/bad_samples.jsonl
+        val_ds = loaders[1] and loaders[1].dataset
+        bad_log = BadSampleLog.for_run(log_run, info.rank, train=train_ds, val=val_ds)
 
-    vox_util = build.build_vox_util(cfg)
-    # A resumed run's weights come from its checkpoint and a Simple-BEV one replaces every weight:
-    # no ImageNet file then.
-    from_simplebev = init is not None and is_simplebev(init[0]) and not cfg.ignore_load
-    state, autocast = build_state(cfg, info, say, imagenet=resume is None and not from_simplebev)
-    restore(state, cfg, info, say, resume, init)
-    run = Run(
-        cfg,
-        info,
-        say,
-        name,
-        log_run,
-        ckpt_run,
-        wrap_model(state.model, cfg, info),
-        state,
-        autocast,
-        loaders,
-        vox_util,
-        resumed_from=resume[1] if resume else None,
-        bad_log=bad_log,
-    )
-    run.resume_rng = resume[0].get("rng") or [] if resume else None
-    run.start_step, run.t_start, run.threads = state.step, time.perf_counter(), threads
-    run.explicit = resolve_config(flags)[1]
+        vox_util = build.build_vox_util(cfg)
+        # A resumed run's weights come from its checkpoint and a Simple-BEV one replaces every weight:
+        # no ImageNet file then.
+        from_simplebev = init is not None and is_simplebev(init[0]) and not cfg.ignore_load
+        state, autocast = build_state(cfg, info, say, imagenet=resume is None and not from_simplebev)
+        restore(state, cfg, info, say, resume, init)
+        run = Run(
+            cfg,
+            info,
+            say,
+            name,
+            log_run,
+            ckpt_run,
+            wrap_model(state.model, cfg, info),
+            state,
+            autocast,
+            loaders,
+            vox_util,
+            resumed_from=resume[1] if resume else None,
+            bad_log=bad_log,
+        )
+        run.resume_rng = resume[0].get("rng") or [] if resume else None
+        run.start_step, run.t_start, run.threads = state.step, time.perf_counter(), threads
+        run.explicit = resolve_config(flags)[1]
+    except BaseException:
+        if claimed:  # a start that failed leaves no empty run folders behind
+            for folder in (log_run, ckpt_run, *new_parents):
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (or gone): keep what is there
+                    pass
+        raise
     return run
+
+
+def _claim_name(cfg: Config, say) -> str:
+    name, wanted = claim_run_name(cfg)
+    if name != wanted:
+        say(f"[bevtrain] run name {wanted} is taken (another run started in the same second): this run "
+            f"is {name}")
+    return name
 
 
 def prepare_config(cfg: Config, flags: Mapping[str, Any], info: DistInfo, say):

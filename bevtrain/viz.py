@@ -32,6 +32,7 @@ import torch
 
 from bevtrain.classes import DEFAULT_CLASSES, OutputClass, resolve_classes
 from bevtrain.data.index import CAMERA_NAMES
+from bevtrain.disk import atomic_write, atomic_write_bytes
 from bevtrain.geometry import apply_4x4, project_to_pixels, scale_intrinsics
 
 CAM_NAMES = tuple(CAMERA_NAMES)  # cam_ids in a batch index this list
@@ -503,10 +504,11 @@ def render_composite(
 
 
 def write_png(path: Union[str, Path], image_rgb: np.ndarray) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")
+    """Encoded in memory, then written atomically (a full disk raises DiskFullError, no torn file)."""
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"could not encode {path} as PNG")
+    atomic_write_bytes(path, encoded.tobytes(), what=f"picture {Path(path).name}")
 
 
 def read_png(path: Union[str, Path]) -> np.ndarray:
@@ -526,16 +528,15 @@ def write_gif(
         raise ImportError("writing GIFs needs Pillow: pip install pillow") from e
     if not frames:
         raise ValueError(f"no frames for {path}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     pil = []
     for frame in frames:
         if scale != 1.0:
             frame = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         pil.append(_gif_frame(Image, frame))
-    pil[0].save(
-        path, save_all=True, append_images=pil[1:], duration=int(round(1000 / fps)), loop=0, disposal=1
-    )
+    atomic_write(path, lambda tmp: pil[0].save(
+        tmp, format="GIF", save_all=True, append_images=pil[1:], duration=int(round(1000 / fps)), loop=0,
+        disposal=1,
+    ), what=f"GIF {Path(path).name}")
 
 
 def gif_reserved_colors() -> List[Tuple[int, int, int]]:
