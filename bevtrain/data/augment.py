@@ -39,6 +39,9 @@ only found by ``python -m bevtrain.data.verify``, which listens to libjpeg's war
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -144,11 +147,58 @@ def read_jpeg_bytes(path: str) -> np.ndarray:
     return buf
 
 
+class _StderrCapture:
+    """What C code prints on fd 2 while a call runs: libjpeg's only report of corrupt data (cv2 has no
+    API for it; the image still decodes, with garbage where the data was bad). A few syscalls per call."""
+
+    def __init__(self):
+        self._file = tempfile.TemporaryFile()
+        self.pid = os.getpid()  # a forked child shares the parent's file offset: it makes its own
+
+    def call(self, fn, *args):
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        try:
+            result = fn(*args)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if self._file.tell() == 0:
+            return result, ""
+        self._file.seek(0)
+        text = self._file.read().decode("utf-8", "replace").strip()
+        self._file.seek(0)
+        self._file.truncate()
+        return result, text
+
+
+_CAPTURE: _StderrCapture | None = None
+
+
+def decode_reporting(buf: np.ndarray, factor: int = 1) -> Tuple[np.ndarray | None, str]:
+    """cv2.imdecode at 1/factor scale and what libjpeg reported meanwhile ('' when nothing)."""
+    global _CAPTURE
+    if _CAPTURE is None or _CAPTURE.pid != os.getpid():
+        _CAPTURE = _StderrCapture()
+    img, text = _CAPTURE.call(cv2.imdecode, buf, _REDUCED_FLAGS[factor])
+    if text and "jpeg" not in text.lower():  # not libjpeg's: hand it back to stderr
+        print(text, file=sys.stderr, flush=True)
+        text = ""
+    return img, text
+
+
 def decode_jpeg(path: str, factor: int = 1) -> np.ndarray:
-    """BGR uint8 (h, w, 3) decoded at 1/factor scale (ceil of the size for partial blocks)."""
-    img = cv2.imdecode(read_jpeg_bytes(path), _REDUCED_FLAGS[factor])
+    """BGR uint8 (h, w, 3) decoded at 1/factor scale (ceil of the size for partial blocks).
+
+    Refuses what verify refuses: a JPEG that libjpeg reports as corrupt while decoding (garbled data
+    between intact start and end markers decodes to an image with garbage in it)."""
+    img, report = decode_reporting(read_jpeg_bytes(path), factor)
     if img is None:
         raise ImageReadError(f"cannot decode image {path} (corrupt JPEG)")
+    if report:
+        raise ImageReadError(f"image {path}: libjpeg reports corrupt data while decoding ("
+                             f"{report.replace(chr(10), '; ')}); re-copy the file", kind="corrupt")
     return img
 
 

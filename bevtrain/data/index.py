@@ -54,8 +54,8 @@ import numpy as np
 
 from bevtrain.classes import MAP_LINE_LAYERS, MAP_POLYGON_LAYERS
 
-INDEX_FORMAT = 4  # 2: sweeps carry global_T_ego; 3: calibration / pose / box checks (info["problems"]);
-#                  4: records carry their location
+INDEX_FORMAT = 5  # 2: sweeps carry global_T_ego; 3: calibration / pose / box checks (info["problems"]);
+#                  4: records carry their location; 5: boxes with a side <= 0 are problems
 CAMERA_NAMES = [
     "CAM_FRONT_LEFT",
     "CAM_FRONT",
@@ -253,6 +253,8 @@ def box_problem(ann) -> str | None:
     size = _as_floats(ann["size"], 3)
     if size is None or not np.isfinite(size).all():
         return f"size {ann['size']!r} is not 3 finite numbers"
+    if (size <= 0).any():  # drawn, such a box silently changes target cells
+        return f"size {ann['size']!r} (w, l, h) has a side <= 0"
     return None
 
 

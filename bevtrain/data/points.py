@@ -17,6 +17,7 @@ the ego pose at that sweep's own timestamp) -> reference frame.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence, Tuple
 
 import numpy as np
@@ -92,6 +93,9 @@ _PCD_TYPES = {
 }
 
 
+LIDAR_POINT_BYTES = 5 * 4  # x, y, z, intensity, ring as float32
+
+
 class PointFileError(OSError):
     pass
 
@@ -99,11 +103,15 @@ class PointFileError(OSError):
 def read_lidar(path: str) -> np.ndarray:
     """(N, 4) float32 x, y, z, intensity in the lidar frame."""
     try:
+        nbytes = os.path.getsize(path)
         raw = np.fromfile(path, dtype=np.float32)
     except OSError as e:
         raise PointFileError(f"cannot read lidar file {path}: {e}") from e
-    if raw.size % 5:
-        raise PointFileError(f"lidar file {path} is not a multiple of 5 float32 (corrupt?)")
+    # Bytes, not floats: fromfile drops a trailing partial float, so 3 stray bytes would pass unseen.
+    # An empty file is refused as verify refuses it: a keyframe's lidar sweep always has points.
+    if nbytes == 0 or nbytes % LIDAR_POINT_BYTES:
+        raise PointFileError(f"lidar file {path} has {nbytes} bytes, not a non-zero multiple of "
+                             f"{LIDAR_POINT_BYTES} (5 float32 per point): cut short or corrupt?")
     return raw.reshape(-1, 5)[:, :4]
 
 

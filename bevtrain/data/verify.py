@@ -25,12 +25,13 @@ good, 1 when anything is bad.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import sys
-import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
 
 import cv2
@@ -42,13 +43,19 @@ from bevtrain.data.index import (
     LIDAR_NAME,
     DataLayoutError,
     DataTableError,
+    box_problem,
+    check_dataroot,
     expansion_path,
     expansion_problem,
+    find_bad_tables,
+    intrinsic_problem,
     load_index,
+    pose_problem,
+    resolve_split,
 )
 from bevtrain.progress import Progress
 
-LIDAR_RECORD_BYTES = 5 * 4  # x, y, z, intensity, ring as float32
+LIDAR_RECORD_BYTES = points.LIDAR_POINT_BYTES
 PROBLEM_TITLES = {
     "missing": "file missing or unreadable",
     "not_jpeg": "not a JPEG",
@@ -59,7 +66,7 @@ PROBLEM_TITLES = {
     "radar": "radar file unreadable or truncated",
     "calibrated_sensor": "calibration not finite / out of range",
     "ego_pose": "ego pose not finite",
-    "sample_annotation": "box not finite",
+    "sample_annotation": "box not finite or with a side <= 0",
     "table": "table not valid JSON",
     "map_expansion": "map expansion missing or unusable",
 }
@@ -69,35 +76,8 @@ Job = Tuple[str, str, Tuple[int, int] | None]  # (kind, absolute path, expected 
 
 
 # -- checks (run in worker processes) ---------------------------------------------------------------
-class _StderrCapture:
-    """What C code prints on fd 2 while a call runs: libjpeg's only report of corrupt data (cv2 has no
-    API for it). Used in verify's own processes only, where nothing else writes to stderr meanwhile."""
-
-    def __init__(self):
-        self._file = tempfile.TemporaryFile()
-
-    def call(self, fn, *args):
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(self._file.fileno(), 2)
-        try:
-            result = fn(*args)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        self._file.seek(0)
-        text = self._file.read().decode("utf-8", "replace").strip()
-        self._file.seek(0)
-        self._file.truncate()
-        return result, text
-
-
-_CAPTURE: _StderrCapture | None = None
-
-
 def check_jpeg(path: str, want_wh: Tuple[int, int], factor: int = 8) -> Tuple[str, str] | None:
     """(problem kind, message) for a camera image, or None when it is good."""
-    global _CAPTURE
     try:
         buf = augment.read_jpeg_bytes(path)
     except augment.ImageReadError as e:
@@ -106,9 +86,7 @@ def check_jpeg(path: str, want_wh: Tuple[int, int], factor: int = 8) -> Tuple[st
     if size != tuple(want_wh):
         got = "no frame header" if size is None else f"{size[0]}x{size[1]}"
         return "size", f"image {path} is {got}, but the index says {want_wh[0]}x{want_wh[1]}"
-    if _CAPTURE is None:
-        _CAPTURE = _StderrCapture()
-    img, message = _CAPTURE.call(cv2.imdecode, buf, augment._REDUCED_FLAGS[factor])
+    img, message = augment.decode_reporting(buf, factor)
     if img is None or message:
         return "corrupt", f"image {path}: " + (message.replace("\n", "; ") or "cv2 cannot decode it")
     if img.shape[1::-1] != augment.decoded_size(want_wh, factor):
@@ -187,6 +165,57 @@ def check_map_expansion(dataroot: str, locations) -> Tuple[List[Tuple[str, str, 
     return problems, f"map expansion checked for {len(set(locations))} location(s): {names}"
 
 
+# -- when the index cannot be built: every table that reads, checked on its own ---------------------------
+def _read_table(table_dir: Path, name: str):
+    try:
+        with open(table_dir / f"{name}.json") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def checks_without_index(dataroot, version: str):
+    """(problems {kind: [(path, '', message)]}, jobs, owner, keyframes) from the tables that are valid
+    JSON, for a dataroot whose index cannot be built (a broken table): each table named, the rows of
+    the readable tables checked as the index checks them, and every keyframe file checked."""
+    root = Path(dataroot).expanduser().resolve()
+    table_dir = root / version
+    problems: Dict[str, List[Tuple[str, str, str]]] = defaultdict(list)
+    for path, why in find_bad_tables(table_dir):
+        problems["table"].append((str(path), "", f"{path}: not valid JSON: {why}"))
+    row_checks = (
+        ("calibrated_sensor", lambda r: pose_problem(r["translation"], r["rotation"])
+         or (intrinsic_problem(r["camera_intrinsic"]) if r.get("camera_intrinsic") else None)),
+        ("ego_pose", lambda r: pose_problem(r["translation"], r["rotation"])),
+        ("sample_annotation", box_problem),
+    )
+    for table, check in row_checks:
+        path = str(table_dir / f"{table}.json")
+        for row in _read_table(table_dir, table) or []:
+            try:
+                bad = check(row)
+            except (KeyError, TypeError) as e:
+                bad = f"missing or malformed field {e}"
+            if bad:
+                problems[table].append((path, "", f"{table} {row.get('token', '?')} in {path}: {bad}"))
+    jobs: Dict[str, Job] = {}
+    owner: Dict[str, str] = {}
+    keyframes = 0
+    for row in _read_table(table_dir, "sample_data") or []:
+        if not row.get("is_key_frame"):
+            continue
+        keyframes += 1
+        path = str(root / row["filename"])
+        if row["filename"].endswith((".jpg", ".jpeg")):
+            jobs[path] = ("jpeg", path, (int(row["width"]), int(row["height"])))
+        elif row["filename"].endswith(".pcd.bin"):
+            jobs[path] = ("lidar", path, None)
+        elif row["filename"].endswith(".pcd"):
+            jobs[path] = ("radar", path, None)
+        owner[path] = row.get("sample_token", "")
+    return problems, jobs, owner, keyframes
+
+
 # -- collecting what the index references ------------------------------------------------------------
 def collect(records, dataroot: str, nsweeps: int) -> Tuple[Dict[str, Job], Dict[str, str]]:
     """Files to check (path -> job, each once) and the first sample token using each path."""
@@ -244,11 +273,18 @@ def verify(data_dir: str, dset: str = "trainval", splits=("train", "val"), nswee
     owner: Dict[str, str] = {}
     n_samples, version, root = 0, "", data_dir
     seen_index, locations = set(), set()
+    index_note = ""
     for split in splits:
         try:
             records, info = load_index(data_dir, dset, split, nsweeps, cache_dir, verbose=progress)
-        except DataTableError as e:
-            problems["table"].append(("", "", str(e)))
+        except DataTableError:
+            # The index needs every table; the checks that do not still run, from the tables that read.
+            version = resolve_split(data_dir, dset, split)[0]
+            root = str(check_dataroot(data_dir, version))
+            found, jobs, owner, keyframes = checks_without_index(root, version)
+            problems.update(found)
+            index_note = (f"the index cannot be built (a table is not valid JSON): checked the rows of the "
+                          f"tables that read and the files of all {keyframes} keyframe sample_data rows")
             break
         version, root = info["version"], info["dataroot"]
         n_samples += len(records)
@@ -267,7 +303,8 @@ def verify(data_dir: str, dset: str = "trainval", splits=("train", "val"), nswee
         for path, job in split_jobs.items():
             jobs.setdefault(path, job)
             owner.setdefault(path, split_owner[path])
-    map_problems, map_note = check_map_expansion(root, locations)
+    map_problems, map_note = check_map_expansion(root, locations) if locations or not index_note else (
+        [], "map expansion not checked: which locations the splits use comes from the index")
     problems["map_expansion"].extend(map_problems)
     if not problems["map_expansion"]:
         del problems["map_expansion"]
@@ -288,7 +325,7 @@ def verify(data_dir: str, dset: str = "trainval", splits=("train", "val"), nswee
         "jpegs": counts["jpeg"], "lidar_files": counts["lidar"], "radar_files": counts["radar"],
         "seconds": time.perf_counter() - t0, "index_seconds": t_index, "file_seconds": t_files,
         "files_per_s": len(jobs) / max(t_files, 1e-9), "samples_per_s": n_samples / max(t_files, 1e-9),
-        "workers": workers, "decode_factor": decode_factor, "map_note": map_note,
+        "workers": workers, "decode_factor": decode_factor, "map_note": map_note, "index_note": index_note,
         "problems": {k: sorted(v, key=lambda x: x[0]) for k, v in problems.items()},
     }
     print(format_summary(summary, show), file=out or sys.stdout, flush=True)
@@ -303,8 +340,9 @@ def format_summary(s: dict, show: int = 5) -> str:
         f"{s['files_per_s']:.0f} files/s, "
         f"{s['samples_per_s']:.1f} samples/s (index {s['index_seconds']:.1f} s)"
     ]
-    if s.get("map_note"):
-        lines.append(s["map_note"])
+    for note in ("index_note", "map_note"):
+        if s.get(note):
+            lines.append(s[note])
     total = sum(len(v) for v in s["problems"].values())
     if not total:
         lines.append("all good: no problems found")
@@ -317,9 +355,33 @@ def format_summary(s: dict, show: int = 5) -> str:
             lines.append(f"    {where}{message}")
         if len(items) > show:
             lines.append(f"    ... and {len(items) - show} more")
-    lines.append("Fix or re-copy these files, or train with --bad_samples=skip (samples left out and listed "
-                 "in <log_dir>/<run>/bad_samples.jsonl, up to --max_bad_fraction of a split).")
+    lines.extend(advice(s["problems"], s["dataroot"], s["version"]))
     return "\n".join(lines)
+
+
+FILE_KINDS = ("missing", "not_jpeg", "truncated", "corrupt", "size", "lidar_size", "radar")
+ROW_KINDS = ("calibrated_sensor", "ego_pose", "sample_annotation")
+
+
+def advice(problems: Dict[str, list], dataroot: str, version: str) -> List[str]:
+    """What to do, per kind of problem found: --bad_samples=skip helps only with samples, never with
+    a table the index cannot read or a map file."""
+    lines = []
+    if problems.get("table"):
+        lines.append(f"Tables: extract the {version} metadata archive again into {dataroot} (a table that is "
+                     f"not valid JSON stops every run; --bad_samples=skip cannot help).")
+    if problems.get("map_expansion"):
+        lines.append("Map expansion: download nuScenes-map-expansion-v1.3 again into "
+                     f"{dataroot}/maps/expansion/ (needed only for map-layer classes).")
+    rows = [k for k in ROW_KINDS if problems.get(k)]
+    if rows:
+        lines.append(f"Rows ({', '.join(rows)}): fix the values in the tables named above, or train with "
+                     "--bad_samples=skip (the samples that use them are left out and listed in "
+                     "<log_dir>/<run>/bad_samples.jsonl, up to --max_bad_fraction of a split).")
+    if any(problems.get(k) for k in FILE_KINDS):
+        lines.append("Files: re-copy them from the nuScenes archives, or train with --bad_samples=skip (the "
+                     "samples that use them are left out and listed, as above).")
+    return lines
 
 
 def main(argv: Iterable[str] | None = None) -> int:
