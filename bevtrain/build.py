@@ -96,6 +96,15 @@ def build_dataset(cfg: Mapping[str, Any], split: str = "train", is_train: bool =
     return NuScenesBEVDataset(DataConfig.from_config(cfg), split=split, is_train=is_train)
 
 
+def prepare_indexes(cfg: Mapping[str, Any], splits: Sequence[str], verbose: bool = True) -> None:
+    """Build the missing index caches of ``splits`` together (one table load, once per machine: other
+    processes starting at the same time wait for it and read the cache)."""
+    from bevtrain.data.index import prepare_indexes as prepare
+
+    data = DataConfig.from_config(cfg)
+    prepare(data.data_dir, data.dset, list(splits), data.nsweeps, data.cache_dir or None, verbose)
+
+
 def build_loader(cfg: Mapping[str, Any], ds, is_train: bool, batch_size: int, rank: int = 0,
                  world_size: int = 1, indices=None):
     """``batch_size`` here is per rank (see distributed.per_rank_batch). ``indices``: only these dataset

@@ -484,6 +484,7 @@ def start_run(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Run:
 
     try:
         B_rank = per_rank_batch(cfg.batch_size, info.world_size)
+        build.prepare_indexes(cfg, ["train", "val"] if cfg.do_val else ["train"], verbose=info.is_main)
         train_ds = build.build_dataset(cfg, split="train", is_train=True)
         loaders = (build.build_loader(cfg, train_ds, True, B_rank, info.rank, info.world_size), None)
         if cfg.do_val:

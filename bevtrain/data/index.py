@@ -40,11 +40,16 @@ a custom split file:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import gc
 import hashlib
 import json
 import math
 import os
 import pickle
+import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,6 +58,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from bevtrain.classes import MAP_LINE_LAYERS, MAP_POLYGON_LAYERS
+from bevtrain.progress import Progress
 
 INDEX_FORMAT = 5  # 2: sweeps carry global_T_ego; 3: calibration / pose / box checks (info["problems"]);
 #                  4: records carry their location; 5: boxes with a side <= 0 are problems
@@ -430,22 +436,28 @@ def _check_scenes_present(nusc, scenes: Sequence[str], dataroot: Path, version: 
         )
 
 
-def build_records(dataroot: Path, version: str, scenes: Sequence[str], nsweeps: int, verbose=False):
-    """Load the devkit tables once; return the split's records (sorted by scene, time) and their
-    problems (position in that order -> list of problem dicts, see the module docstring)."""
+def build_records(
+    dataroot: Path, version: str, scenes: Sequence[str], nsweeps: int, verbose=False, nusc=None
+):
+    """Load the devkit tables once (or use ``nusc``); return the split's records (sorted by scene, time)
+    and their problems (position in that order -> list of problem dicts, see the module docstring)."""
     global DEVKIT_LOADS
-    nusc = load_devkit(dataroot, version, verbose)
-    DEVKIT_LOADS += 1
+    if nusc is None:
+        nusc = load_devkit(dataroot, version, verbose)
+        DEVKIT_LOADS += 1
     _check_scenes_present(nusc, scenes, dataroot, version)
     wanted = set(scenes)
     tables = _Tables(nusc)
     records, problems = [], []
-    for sample in nusc.sample:
-        scene_name = nusc.get("scene", sample["scene_token"])["name"]
-        if scene_name in wanted:
-            rec, issues = _sample_record(tables, sample, scene_name, nsweeps)
-            records.append(rec)
-            problems.append(list(issues))
+    scene_of = {s["token"]: s["name"] for s in nusc.scene}
+    chosen = [s for s in nusc.sample if scene_of[s["scene_token"]] in wanted]
+    bar = Progress(len(chosen), verbose, label="index records", unit="samples")
+    for sample in chosen:
+        rec, issues = _sample_record(tables, sample, scene_of[sample["scene_token"]], nsweeps)
+        records.append(rec)
+        problems.append(list(issues))
+        bar.advance()
+    bar.close()
     order = sorted(range(len(records)), key=lambda i: (records[i]["scene_name"], records[i]["timestamp"]))
     return [records[i] for i in order], {k: problems[i] for k, i in enumerate(order) if problems[i]}
 
@@ -466,6 +478,170 @@ def cache_key(dataroot: Path, version: str, split: str, scenes: Sequence[str] | 
     return hashlib.sha1(payload.encode()).hexdigest()[:20]
 
 
+def _split_cache(root: Path, dset: str, split: str, nsweeps: int, cdir: Path):
+    """(version, split name, scenes or None, cache path) of one split."""
+    version, split_name, scenes = resolve_split(root, dset, split)
+    key = cache_key(root, version, split_name, scenes, nsweeps)
+    return version, split_name, scenes, cdir / f"{version}_{split_name}_{key}.pkl"
+
+
+def _read_cache(path: Path):
+    """(PackedRecords, blob) from a cache file of this format, or None (missing, unreadable, older)."""
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            blob = pickle.load(f)
+        if blob.get("format") == INDEX_FORMAT:
+            return PackedRecords(offsets=blob["offsets"], data=blob["data"]), blob
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, AttributeError):
+        pass  # unreadable cache: rebuilt and overwritten
+    return None
+
+
+def _write_cache(path: Path, records: Sequence[dict], problems: dict, nsweeps: int) -> int:
+    packed = PackedRecords(records)
+    blob = {"format": INDEX_FORMAT, "nsweeps": nsweeps, "offsets": packed.offsets, "data": packed.data,
+            "problems": problems}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_index_")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(blob, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)  # atomic: a reader never sees a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return packed.nbytes
+
+
+@contextlib.contextmanager
+def _build_lock(cdir: Path, root: Path, version: str, verbose: bool):
+    """One builder per dataroot and cache folder on this machine (a lock on a file in the cache folder;
+    released by the kernel if its holder dies); the others wait here, then read what it wrote."""
+    cdir.mkdir(parents=True, exist_ok=True)
+    lock_path = cdir / f".build_{version}_{hashlib.sha1(str(root).encode()).hexdigest()[:12]}.lock"
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            if verbose:
+                print(f"[bevtrain] waiting for {holder} to finish building the {version} index of {root} "
+                      f"(cache {cdir}); it is read from there next", flush=True)
+            t0 = time.perf_counter()
+            fcntl.flock(f, fcntl.LOCK_EX)
+            if verbose:
+                print(f"[bevtrain] waited {time.perf_counter() - t0:.1f}s for the index build", flush=True)
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_splits(root: Path, version: str, todo: Sequence[tuple], nsweeps: int, verbose: bool) -> dict:
+    """Build each (split name, scenes, cache path) of ``todo`` from one devkit load and write its cache.
+    Python's collector is paused meanwhile: the tables are millions of objects and every full collection
+    walks them all, for nothing (they hold no garbage cycles until the devkit object is dropped)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        if verbose:
+            print(f"[bevtrain] index: loading the {version} tables of {root}", flush=True)
+        nusc = load_devkit(root, version, verbose=False)
+        if verbose:
+            print(f"[bevtrain] index: tables loaded in {time.perf_counter() - t0:.1f}s", flush=True)
+        out = {}
+        for split_name, scenes, path in todo:
+            t1 = time.perf_counter()
+            if scenes is None:
+                scenes = official_split_scenes(split_name)
+            records, problems = build_records(root, version, scenes, nsweeps, verbose, nusc=nusc)
+            nbytes = _write_cache(path, records, problems, nsweeps)
+            out[split_name] = (len(records), nbytes, time.perf_counter() - t1)
+            if verbose:
+                print(f"[bevtrain] index: {version}/{split_name}: {len(records)} samples in "
+                      f"{time.perf_counter() - t1:.1f}s ({nbytes / 1e6:.1f} MB) -> {path}", flush=True)
+        return {"splits": out, "devkit_loads": 1}
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _in_child(fn, *args):
+    """``fn(*args)`` in a forked child process; its result or its exception comes back here.
+
+    The devkit's tables for trainval take ~9 GB and reference themselves, so in this process they
+    would stay resident until a full collection (and every loader worker forked meanwhile would hold
+    them too). In a child they are gone when it exits: this process never grows."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns
+        os.close(read_fd)
+        code = 0
+        try:
+            payload = pickle.dumps(("ok", fn(*args)))
+        except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent
+            code = 1
+            try:
+                payload = pickle.dumps(("error", e))
+            except Exception:
+                payload = pickle.dumps(("error", RuntimeError(f"{type(e).__name__}: {e}")))
+        try:
+            with os.fdopen(write_fd, "wb") as w:
+                w.write(payload)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as r:
+        payload = r.read()
+    _, status = os.waitpid(pid, 0)
+    if payload:
+        kind, value = pickle.loads(payload)
+        if kind == "error":
+            raise value
+        return value
+    how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit code {os.WEXITSTATUS(status)}"
+    hint = " (signal 9 is usually the out-of-memory killer: the trainval tables need ~10 GB)" if (
+        os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9) else ""
+    raise RuntimeError(f"the index build (process {pid}) died with {how}{hint}; nothing was cached: "
+                       "run again")
+
+
+def prepare_indexes(dataroot, dset: str, splits: Sequence[str], nsweeps: int = 3, cache_dir=None,
+                    verbose: bool = True) -> List[bool]:
+    """Make sure every split's cache exists, building the missing ones together (one table load, in a
+    child process, under the build lock). Returns, per split, whether its cache was there already."""
+    root_guess = Path(dataroot).expanduser()
+    version = resolve_split(root_guess, dset, splits[0])[0]
+    root = check_dataroot(root_guess, version)
+    cdir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    wanted = [_split_cache(root, dset, split, nsweeps, cdir) for split in splits]
+    present = [path.is_file() and _read_cache(path) is not None for *_, path in wanted]
+    if all(present):
+        return present
+    global DEVKIT_LOADS
+    with _build_lock(cdir, root, version, verbose):
+        todo = [(name, scenes, path) for v, name, scenes, path in wanted if _read_cache(path) is None]
+        if todo:
+            if verbose:
+                names = ", ".join(f"{version}/{name}" for name, _, _ in todo)
+                print(f"[bevtrain] building the {names} index from {root} (once; cached in {cdir})",
+                      flush=True)
+            done = _in_child(_build_splits, root, version, todo, nsweeps, verbose)
+            DEVKIT_LOADS += done["devkit_loads"]
+    return present
+
+
 def load_index(
     dataroot,
     dset: str = "mini",
@@ -474,46 +650,25 @@ def load_index(
     cache_dir=None,
     verbose: bool = True,
 ) -> Tuple[PackedRecords, dict]:
-    """Packed records of a split, from the on-disk cache when possible. Returns (records, info)."""
+    """Packed records of a split, from the on-disk cache, built first when missing (prepare_indexes).
+    Returns (records, info)."""
     root_guess = Path(dataroot).expanduser()
     version, split_name, scenes = resolve_split(root_guess, dset, split)
     root = check_dataroot(root_guess, version)
     cdir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    key = cache_key(root, version, split_name, scenes, nsweeps)
-    path = cdir / f"{version}_{split_name}_{key}.pkl"
+    path = _split_cache(root, dset, split, nsweeps, cdir)[3]
     info = {"version": version, "split": split_name, "cache_path": str(path), "dataroot": str(root)}
     t0 = time.perf_counter()
-    if path.is_file():
-        try:
-            with open(path, "rb") as f:
-                blob = pickle.load(f)
-            if blob.get("format") == INDEX_FORMAT:
-                info.update(cache_hit=True, seconds=time.perf_counter() - t0, nsweeps=blob["nsweeps"],
-                            problems=blob["problems"])
-                return PackedRecords(offsets=blob["offsets"], data=blob["data"]), info
-        except (OSError, pickle.UnpicklingError, EOFError, KeyError, AttributeError):
-            pass  # unreadable cache: rebuild and overwrite it
-    if verbose:
-        print(f"[bevtrain] building the {version}/{split_name} index from {root} (once; cached in {cdir})")
-    if scenes is None:
-        scenes = official_split_scenes(split_name)
-    records, problems = build_records(root, version, scenes, nsweeps)
-    packed = PackedRecords(records)
-    cdir.mkdir(parents=True, exist_ok=True)
-    blob = {"format": INDEX_FORMAT, "nsweeps": nsweeps, "offsets": packed.offsets, "data": packed.data,
-            "problems": problems}
-    fd, tmp = tempfile.mkstemp(dir=cdir, prefix=".tmp_index_")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(blob, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)  # atomic: concurrent builders never see a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    info.update(cache_hit=False, seconds=time.perf_counter() - t0, nsweeps=nsweeps, problems=problems)
-    if verbose:
-        mb = packed.nbytes / 1e6
-        print(f"[bevtrain] index: {len(packed)} samples in {info['seconds']:.1f}s ({mb:.1f} MB)")
+    hit = _read_cache(path)
+    built = False
+    if hit is None:
+        built = not prepare_indexes(root, dset, [split], nsweeps, cdir, verbose)[0]
+        hit = _read_cache(path)
+        if hit is None:
+            raise RuntimeError(f"the index cache {path} was not written (disk full or not writable?)")
+    packed, blob = hit
+    info.update(cache_hit=not built, seconds=time.perf_counter() - t0, nsweeps=blob["nsweeps"],
+                problems=blob["problems"])
     return packed, info
 
 
