@@ -266,13 +266,19 @@ def child_main(args) -> None:
             peak_rss_gib=_status()["VmHWM"],
             builder_child_peak_gib=_children_peak_gib(),
         )
+        # then what training does next: read both splits, as a cache-hit start does
+        kept = [index.load_index(root, "trainval", s, 3, cache, verbose=False)[0] for s in ("train", "val")]
+        res["rss_after_read_gib"] = _status()["VmRSS"]
+        del kept
     elif args.child == "hit":
+        kept = []  # both splits held, as a training run holds them
         for split in ("train", "val"):
             t1 = time.perf_counter()
             recs, info = index.load_index(root, "trainval", split, 3, cache, verbose=False)
             assert info["cache_hit"]
             res[f"{split}_seconds"] = time.perf_counter() - t1
             res[f"{split}_samples"] = len(recs)
+            kept.append(recs)
         res.update(rss_after_gib=_status()["VmRSS"])
     elif args.child == "loader":
         import torch
