@@ -335,7 +335,7 @@ def predict(init_dir: str = "", rig: str = "", frames: str = "", out_dir: str = 
                 seg = forward(loaded.model, on_dev)["seg"].float()
             prob = torch.sigmoid(seg).cpu().numpy()  # (B,C,Z,X)
             forward_s += time.perf_counter() - tf
-            host = {**batch, "cam_names": [the_rig.names_in_model_order()] * len(prob),
+            host = {**batch, "cam_names": the_rig.names_in_model_order(),
                     "ego_T_ref": ego_T_ref.expand(len(prob), 4, 4)}
             for b, i in enumerate(batch["index"].tolist()):
                 frame = found[i]
