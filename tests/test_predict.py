@@ -188,3 +188,27 @@ def test_rig_file_reads_back_and_refuses_a_bad_quaternion(synthetic_root, cache,
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(RigFileError, match="CAM_FRONT_RIGHT.*not 1"):
         read_rig(path)
+
+
+def test_frames_named_by_timestamp_are_matched_by_time(synthetic_root, cache, tmp_path):
+    """nuScenes-style names (<log>__<camera>__<timestamp>.jpg, the cameras ~10-45 ms apart): each
+    reference-camera frame gets the other cameras' images of the same sample."""
+    from bevtrain.data.index import load_index
+    from bevtrain.predict import PredictError, find_frames, rig_from_dataroot
+
+    rig, _ = rig_from_dataroot(str(synthetic_root), "mini", "val", cache_dir=str(cache))
+    records, info = load_index(synthetic_root, "mini", "val", cache_dir=str(cache), verbose=False)
+    folder = tmp_path / "frames"
+    for rec in records:
+        for cam in CAMERA_NAMES:
+            src = Path(info["dataroot"]) / rec["cams"][cam]["path"]
+            (folder / cam).mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, folder / cam / src.name)
+    frames = find_frames(str(folder), rig)
+    want = {Path(rec["cams"]["CAM_FRONT"]["path"]).stem: [Path(rec["cams"][c.name]["path"]).name
+                                                          for c in rig.model_order()] for rec in records}
+    assert len(frames) == len(records)
+    for frame in frames:
+        assert [Path(p).name for p in frame.paths] == want[frame.name]
+    with pytest.raises(PredictError, match="max_dt"):
+        find_frames(str(folder), rig, max_dt=5000)  # 5 ms: the cameras fire further apart
