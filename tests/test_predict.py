@@ -162,6 +162,7 @@ def test_errors_are_one_line(static_rig_run, synthetic_root, tmp_path):
     cv2.imwrite(str(victim), np.zeros((450, 800, 3), np.uint8))
     code, err = _run_cli(frames=str(frames), **common)
     assert code == 65 and err.startswith("error:") and str(victim) in err and "800x450" in err
+    assert f"the rig {rig} says CAM_FRONT_LEFT takes 1600x900" in err
 
     # a rig with fewer cameras than the checkpoint takes
     data = yaml.safe_load(rig.read_text())
