@@ -195,7 +195,6 @@ def _camera_cells(png: Path, rows: int, cols: int, cell_h: int) -> list:
             for r in range(rows) for c in range(cols)]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("rig, grid", [("four", (2, 2)), ("one", (1, 3))])
 def test_train_evaluate_draw_end_to_end(rig_root, cache, tmp_path, rig, grid):
     """The real training loop (ncams derived from the rig), its evaluation and composites."""
