@@ -254,10 +254,10 @@ def child_main(args) -> None:
                 )
                 path.parent.mkdir(parents=True, exist_ok=True)
                 t1 = time.perf_counter()
-                recs, probs = index.build_records(
+                recs, probs, cams = index.build_records(
                     Path(root).resolve(), version, index.official_split_scenes(name), 3, verbose=False
                 )
-                index._write_cache(path, recs, probs, 3)
+                index._write_cache(path, recs, probs, cams, 3)
                 res[f"{split}_seconds"] = time.perf_counter() - t1
                 del recs, probs
         res.update(

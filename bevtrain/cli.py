@@ -91,12 +91,18 @@ def refuse_positional(args: Iterable[Any], flag_for_path: str = "") -> None:
 def data_error_types() -> tuple:
     """The exceptions that name a problem in the user's data (files, tables, calibration)."""
     from bevtrain.data.augment import ImageReadError
-    from bevtrain.data.dataset import BadSampleError, ClassMatchError, SampleReadError, TooManyBadSamplesError
+    from bevtrain.data.dataset import (
+        BadSampleError,
+        ClassMatchError,
+        RigError,
+        SampleReadError,
+        TooManyBadSamplesError,
+    )
     from bevtrain.data.index import DataLayoutError, DataTableError, MapExpansionError
     from bevtrain.data.points import PointFileError
 
     return (SampleReadError, BadSampleError, TooManyBadSamplesError, DataLayoutError, DataTableError,
-            ImageReadError, PointFileError, MapExpansionError, ClassMatchError)
+            ImageReadError, PointFileError, MapExpansionError, ClassMatchError, RigError)
 
 
 def user_message(exc: BaseException) -> str:

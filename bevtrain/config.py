@@ -115,7 +115,8 @@ FLAGS: Tuple[Flag, ...] = (
     _sb("res_scale", 2, "image scale: final_dim = (224*res_scale, 400*res_scale)", kind="number"),
     _sb("rand_flip", True, "random image / BEV flips (train)"),
     _sb("rand_crop_and_resize", True, "random resize in [0.8, 1.2] + crop (train)"),
-    _sb("ncams", NUM_CAMERAS, f"cameras per sample (1..{NUM_CAMERAS})"),
+    _sb("ncams", NUM_CAMERAS, f"cameras per sample (nuScenes: 1..{NUM_CAMERAS}; at most the rig's "
+        "camera count; 0 = every camera of the rig)"),
     _sb("nsweeps", 3, "radar/lidar sweeps accumulated"),
     _sb("encoder_type", "res101", "image encoder", choices=ENCODER_TYPES),
     _sb("use_radar", False, "feed radar to the model"),
@@ -127,7 +128,8 @@ FLAGS: Tuple[Flag, ...] = (
     _sb("device_ids", [0, 1, 2, 3], "single process: the GPU to use is device_ids[0] (several GPUs: "
         "use torchrun); ignored under torchrun", kind="list[int]"),
     _sb("seqlen", 1, "frames per sample"),
-    _sb("refcam_id", 1, "reference camera index (1 = CAM_FRONT)"),
+    _sb("refcam_id", 1, "reference camera index into the rig's cameras (see 'cameras'; 1 = CAM_FRONT on "
+        "nuScenes)"),
     _sb("get_tids", False, "return instance ids"),
     _sb("temporal_aug", False, "temporal augmentation"),
     # --- ours -------------------------------------------------------------------------------------
@@ -199,6 +201,9 @@ FLAGS: Tuple[Flag, ...] = (
        "|feat|>0 camera mean, PIL NEAREST val resize, static camera rig), for Simple-BEV's checkpoints; "
        "set automatically when --init_dir is a Simple-BEV checkpoint", choices=("none", "simplebev")),
     _f("synthetic_keyframes", 40, "keyframes per synthetic scene when generating it"),
+    _f("cameras", [], "the camera channels to use, in this order (refcam_id and cam_ids index it); [] = "
+       "every camera of the dataroot's sensor table: nuScenes' six in their usual order, then the others by "
+       "name (README 'Any rig')", kind="list[str]"),
     _f("synthetic_size", [1600, 900], "camera image width and height of the synthetic set when generating it "
        "(nuScenes' 1600 900; the CPU quickstarts render 800 450: half the generation time, and their "
        "56x100 inputs look the same)", kind="list[int]"),
@@ -500,7 +505,7 @@ def load_yaml(path: str) -> Dict[str, Any]:
 
 def _check_consistency(cfg: Config) -> None:
     positive = ("max_iters", "log_freq", "val_freq", "save_freq", "batch_size", "grad_acc", "keep_latest",
-                "ncams", "nsweeps", "seqlen", "Z", "Y", "X", "latent_dim", "val_batches")
+                "nsweeps", "seqlen", "Z", "Y", "X", "latent_dim", "val_batches")
     for name in positive:
         if cfg[name] < 1:
             raise ConfigError(f"flag '{name}' must be >= 1, got {cfg[name]}")
@@ -520,14 +525,17 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"flag 'max_bad_fraction' must be in [0, 1], got {cfg.max_bad_fraction}")
     if not 0 < cfg.pct_start < 1:
         raise ConfigError(f"flag 'pct_start' must be in (0, 1), got {cfg.pct_start}")
-    if cfg.ncams > NUM_CAMERAS:
-        raise ConfigError(f"flag 'ncams' must be in 1..{NUM_CAMERAS} (nuScenes has {NUM_CAMERAS} cameras), "
-                          f"got {cfg.ncams}")
+    # The upper bound is the rig's camera count, which only the dataset knows (it reads the sensor table).
+    if cfg.ncams < 0:
+        raise ConfigError(f"flag 'ncams' must be >= 0 (0 = every camera of the rig), got {cfg.ncams}")
+    if cfg.cameras and cfg.ncams > len(cfg.cameras):
+        raise ConfigError(f"flag 'ncams' ({cfg.ncams}) is more than the {len(cfg.cameras)} cameras that "
+                          f"'cameras' names; pass --ncams={len(cfg.cameras)} or --ncams=0")
     if cfg.seqlen != 1:
         raise ConfigError(f"flag 'seqlen' must be 1 (single frames only), got {cfg.seqlen}")
     if cfg.use_metaradar and not cfg.use_radar:
         raise ConfigError("flag 'use_metaradar': True needs --use_radar=True (metaradar adds radar features)")
-    if not 0 <= cfg.refcam_id < cfg.ncams:
+    if cfg.ncams and not 0 <= cfg.refcam_id < cfg.ncams:
         raise ConfigError(f"flag 'refcam_id' must be in [0, ncams={cfg.ncams}), got {cfg.refcam_id}")
     try:
         resolve_classes(cfg.classes, cfg.class_groups)
@@ -675,6 +683,7 @@ class DataConfig(_Section):
     rand_crop_and_resize: bool
     rand_flip: bool
     ncams: int
+    cameras: Tuple[str, ...]
     nsweeps: int
     do_shuffle_cams: bool
     refcam_id: int

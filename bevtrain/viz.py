@@ -23,6 +23,7 @@ Drawing uses OpenCV on RGB arrays (colours below are RGB). GIFs are written with
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple, Union
 
@@ -35,8 +36,9 @@ from bevtrain.data.index import CAMERA_NAMES
 from bevtrain.disk import atomic_write, atomic_write_bytes
 from bevtrain.geometry import apply_4x4, project_to_pixels, scale_intrinsics
 
-CAM_NAMES = tuple(CAMERA_NAMES)  # cam_ids in a batch index this list
-# (row, col) of each camera in the rig layout: front row on top, seen as if standing in the car.
+CAM_NAMES = tuple(CAMERA_NAMES)  # cam_ids of a batch without cam_names index this list
+# (row, col) of each camera in nuScenes' rig layout: front row on top, seen as if standing in the car.
+# Other rigs: a grid of up to 3 columns in the batch's camera order (``rig_grid``).
 RIG_LAYOUT = {name: divmod(k, 3) for k, name in enumerate(CAM_NAMES)}
 
 # Visibility token -> colour: 1 = 0-40 % visible (ignored by Simple-BEV's protocol) ... 4 = 80-100 %.
@@ -107,13 +109,19 @@ def image_to_uint8(image) -> np.ndarray:
 def camera_names_of(batch: Dict, i: int, ncams: int) -> List[str]:
     """Camera names of sample ``i``, in the batch's camera order.
 
-    From ``cam_ids`` (indices into the nuScenes camera list; the dataset puts the reference camera
-    first), else from ``cam_names``, else the nuScenes order.
+    From ``cam_names`` (the dataset's JSON list per sample, any rig; or lists of names), else from
+    ``cam_ids`` (indices into the nuScenes camera list), else the nuScenes order.
     """
+    names = batch.get("cam_names")
+    if isinstance(names, str) or (isinstance(names, (list, tuple)) and names and isinstance(names[0], str)
+                                  and names[0].startswith("[")):
+        one = names if isinstance(names, str) else names[i]
+        decoded = json.loads(one)
+        if len(decoded) == ncams:
+            return [str(n) for n in decoded]
     if "cam_ids" in batch:
         ids = _np(batch["cam_ids"][i]).astype(int).tolist()
         return [CAM_NAMES[c] if 0 <= c < len(CAM_NAMES) else f"cam{c}" for c in ids]
-    names = batch.get("cam_names")
     if names is not None:
         # Default collate turns a per-sample list of S names into S tuples of B names.
         if len(names) == ncams and isinstance(names[0], (list, tuple)):
@@ -179,8 +187,16 @@ def draw_boxes_on_camera(
     return image
 
 
+def rig_grid(ncams: int) -> Tuple[int, int]:
+    """(rows, columns) of a rig that is not nuScenes': at most 3 columns, rows as even as they go
+    (1 -> 1x1, 2 -> 1x2, 4 -> 2x2, 5 -> 2x3, 8 -> 3x3)."""
+    rows = -(-ncams // 3)
+    return rows, -(-ncams // rows)
+
+
 def render_cameras(batch: Dict, i: int, cell_width: int = 400) -> np.ndarray:
-    """The S camera images of sample ``i`` in the rig layout (2 x 3 for six cameras), boxes drawn."""
+    """The S camera images of sample ``i`` in the rig layout (2 x 3 for nuScenes' six cameras, else
+    ``rig_grid``), boxes drawn; ``3 * cell_width`` wide."""
     images = batch["images"][i]  # (S, 3, H, W)
     S, _, H, W = images.shape
     names = camera_names_of(batch, i, S)
@@ -197,15 +213,24 @@ def render_cameras(batch: Dict, i: int, cell_width: int = 400) -> np.ndarray:
     )
     corners, vis = corners[:count], vis[:count]
 
-    positions, free = {}, [divmod(k, 3) for k in range(max(6, S))]
-    for s, name in enumerate(names):
-        if name in RIG_LAYOUT and RIG_LAYOUT[name] not in positions.values():
-            positions[s] = RIG_LAYOUT[name]
-    for s in range(S):
-        if s not in positions:
-            positions[s] = next(p for p in free if p not in positions.values())
+    width = 3 * cell_width
+    if all(name in RIG_LAYOUT for name in names):
+        positions, free = {}, [divmod(k, 3) for k in range(max(6, S))]
+        for s, name in enumerate(names):
+            if RIG_LAYOUT[name] not in positions.values():
+                positions[s] = RIG_LAYOUT[name]
+        for s in range(S):
+            if s not in positions:
+                positions[s] = next(p for p in free if p not in positions.values())
+    else:
+        # Another rig: cells widened so that the row still spans 3 * cell_width (the BEV panels' width).
+        rows, cols = rig_grid(S)
+        positions = {s: divmod(s, cols) for s in range(S)}
+        cell_width = width // cols
+        cell_h = int(round(H * cell_width / W))
+        pix_T_cams = scale_intrinsics(batch["pix_T_cams"][i].float().cpu(), cell_width / W, cell_h / H)
     rows = 1 + max(r for r, _ in positions.values())
-    canvas = np.full((rows * cell_h, 3 * cell_width, 3), BACKGROUND, np.uint8)
+    canvas = np.full((rows * cell_h, width, 3), BACKGROUND, np.uint8)
     for s in range(S):
         img = cv2.resize(image_to_uint8(images[s]), (cell_width, cell_h), interpolation=cv2.INTER_AREA)
         draw_boxes_on_camera(

@@ -61,7 +61,7 @@ def assert_usage_error(r, *fragments):
         # item 5: tracebacks and misleading messages
         (["--encoder_type=res34"], ["'encoder_type' must be one of", "res101", "res50", "res18", "effb0",
                                     "effb4"]),
-        (["--ncams=7"], ["'ncams' must be in 1..6", "got 7"]),
+        (["--ncams=-1"], ["'ncams' must be >= 0", "got -1"]),  # the upper bound is the rig's (dataset)
         (["--bounds=[1.0,2.0]"], ["'bounds' needs 6 numbers (XMIN XMAX YMIN YMAX ZMIN ZMAX), got 2"]),
         (["--bounds=[-9,9,-5,5,-9]"], ["'bounds' needs 6 numbers", "got 5"]),  # issue 26 item 5
         (["--init_dir=checkpoints/nope"], ["--init_dir=checkpoints/nope does not exist"]),

@@ -316,8 +316,7 @@ def test_clear_errors_for_missing_and_corrupt_files(synthetic_root, cache, tmp_p
     [
         (dict(target_raster="fillpoly"), ValueError, "target_raster='fillpoly': use one of"),
         (dict(seqlen=2), NotImplementedError, "seqlen=2: only single frames"),
-        (dict(ncams=7), ValueError, "ncams=7 must be in 1..6"),
-        (dict(refcam_id=6), ValueError, "refcam_id=6 must index CAMERA_NAMES"),
+        (dict(ncams=-1), ValueError, "ncams=-1 must be >= 0"),
         (dict(use_metaradar=True), ValueError, "use_metaradar needs use_radar=True"),
         (dict(radar_features="dense"), ValueError, "radar_features='dense'; valid: simplebev, rich"),
         (dict(nsweeps=0), ValueError, "nsweeps=0 must be >= 1"),
@@ -331,6 +330,17 @@ def test_settings_are_checked_before_the_index_is_read(tmp_path, bad, error, mes
     data = DataConfig.make(data_dir=str(tmp_path / "absent"), dset="mini").replace(**bad)
     with pytest.raises(error, match=message):
         NuScenesBEVDataset(data, split="val", is_train=False)
+
+
+@pytest.mark.parametrize("bad, message", [(dict(ncams=7), "ncams=7 must be in 1..6 (0 = all)"),
+                                         (dict(refcam_id=6), "refcam_id=6 must index the 6 camera(s)")])
+def test_camera_settings_are_checked_against_the_rig(synthetic_root, tmp_path, bad, message):
+    """ncams and refcam_id are bounded by the rig the index found (nuScenes' six here), named in the error."""
+    from bevtrain.data.dataset import RigError
+
+    with pytest.raises(RigError) as e:
+        _ds(synthetic_root, tmp_path, **bad)
+    assert message in str(e.value) and ", ".join(CAMERA_NAMES) in str(e.value)
 
 
 def test_ref_T_ego_is_the_lidar_keyframe_ego_pose_in_the_reference_frame(synthetic_root, tmp_path):

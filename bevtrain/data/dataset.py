@@ -15,9 +15,13 @@ The one exception is ``compat='simplebev'``: there ``cams_T_ref`` is Simple-BEV'
 ``inv(ego_T_camX) @ ego_T_cam0`` (then the BEV mirror), every camera on the reference camera's ego
 pose through its extrinsics alone, the inputs its released weights were trained on.
 
-Camera order: the reference camera is always slot 0 (Simple-BEV's convention), the others follow
-in ``CAMERA_NAMES`` order (validation) or in random order (training). ``cam_ids`` gives each slot's
-index into ``CAMERA_NAMES``.
+Cameras (any rig): ``camera_names`` is the ``cameras`` setting, or when empty every camera channel of
+the dataroot (``index.camera_channels``: nuScenes' six in ``CAMERA_NAMES`` order, then others by
+name); each camera is read at its own image size, and its resize / crop and intrinsics follow from
+that size (augment). ``ncams`` cameras per sample (0 = all of them). The reference camera is always
+slot 0 (Simple-BEV's convention), the others follow in ``camera_names`` order (validation) or in
+random order (training). ``cam_ids`` gives each slot's index into ``camera_names``; ``cam_names``
+(a JSON list) names them.
 
 Randomness: every random choice of a sample comes from a generator seeded with
 (seed, epoch, index), so augmentation is reproducible whatever the worker count or the order in
@@ -91,6 +95,10 @@ class BadSampleError(ValueError):
     """Samples with unusable calibration, poses or boxes (bad_samples='stop'), or too many bad samples."""
 
 
+class RigError(ValueError):
+    """The cameras the settings ask for (cameras, ncams, refcam_id) do not fit the dataroot's rig."""
+
+
 class TooManyBadSamplesError(RuntimeError):
     """More than max_bad_fraction of a split turned out bad while training with bad_samples='skip'."""
 
@@ -140,10 +148,8 @@ def check_data_settings(data: DataConfig) -> None:
         raise NotImplementedError(
             f"seqlen={data.seqlen}: only single frames (seqlen=1) are supported by the batch contract"
         )
-    if not 1 <= data.ncams <= len(CAMERA_NAMES):
-        raise ValueError(f"ncams={data.ncams} must be in 1..{len(CAMERA_NAMES)}")
-    if not 0 <= data.refcam_id < len(CAMERA_NAMES):
-        raise ValueError(f"refcam_id={data.refcam_id} must index CAMERA_NAMES {CAMERA_NAMES}")
+    if data.ncams < 0:
+        raise ValueError(f"ncams={data.ncams} must be >= 0 (0 = every camera of the rig)")
     if data.use_metaradar and not data.use_radar:
         raise ValueError("use_metaradar needs use_radar=True")
     if data.radar_features not in RADAR_FEATURES:
@@ -188,6 +194,7 @@ class NuScenesBEVDataset(Dataset):
         if len(self.records) == 0:
             raise ValueError(f"split {split!r} of dset {data.dset!r} in {data.data_dir} has no samples")
         self.dataroot = self.index_info["dataroot"]
+        self.camera_names = self._rig_cameras(data)
         self._read_settings(data)
         self._check_object_classes()
         # {location: the map-expansion layers the map outputs draw, as one pack (targets.merge_map_layers)} of
@@ -209,7 +216,7 @@ class NuScenesBEVDataset(Dataset):
         self.final_dim = augment.final_dim_for(data.res_scale)
         self.rand_crop_and_resize = data.rand_crop_and_resize
         self.rand_flip = data.rand_flip
-        self.ncams = data.ncams
+        self.ncams = data.ncams or len(self.camera_names)
         self.nsweeps = data.nsweeps
         self.do_shuffle_cams = data.do_shuffle_cams
         self.refcam_id = data.refcam_id
@@ -238,6 +245,25 @@ class NuScenesBEVDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _rig_cameras(self, data: DataConfig) -> List[str]:
+        """The camera channels this dataset reads (module docstring, 'Cameras'); a RigError naming the
+        setting when cameras, ncams or refcam_id do not fit the dataroot's rig."""
+        rig = list(self.index_info["cameras"])
+        where = f"{self.dataroot} ({len(rig)} camera(s): {', '.join(rig)})"
+        names = list(data.cameras) or rig
+        unknown = [c for c in names if c not in rig]
+        if unknown or len(set(names)) != len(names):
+            what = f"names {unknown}, not cameras of" if unknown else "names a camera twice; the cameras of"
+            raise RigError(f"cameras={list(data.cameras)} {what} {where}; name each at most once, or pass "
+                           f"--cameras=[] for all of them")
+        if not 0 <= data.ncams <= len(names):
+            raise RigError(f"ncams={data.ncams} must be in 1..{len(names)} (0 = all) for {where}: pass "
+                           f"--ncams={len(names)} or fewer (or --ncams=0)")
+        if not 0 <= data.refcam_id < len(names):
+            raise RigError(f"refcam_id={data.refcam_id} must index the {len(names)} camera(s) "
+                           f"{', '.join(names)} of {self.dataroot}: pass --refcam_id=0..{len(names) - 1}")
+        return names
+
     def _check_object_classes(self) -> None:
         """Every object output must match some category of the dataroot's category table."""
         if not self.object_channels:
@@ -261,9 +287,9 @@ class NuScenesBEVDataset(Dataset):
 
     def _choose_cams(self, rng) -> list:
         """Camera indices, reference camera first."""
-        n = len(CAMERA_NAMES)
+        n = len(self.camera_names)
         if not self.is_train:
-            # Fixed: the reference camera, then the others in CAMERA_NAMES order, first ncams.
+            # Fixed: the reference camera, then the others in camera_names order, first ncams.
             cams = [self.refcam_id] + [c for c in range(n) if c != self.refcam_id]
             return cams[: self.ncams]
         if self.ncams < n:
@@ -369,7 +395,7 @@ class NuScenesBEVDataset(Dataset):
         cam_ids, flip_x, flip_z = draw.cam_ids, draw.flip_x, draw.flip_z
         mirror = np.diag([-1.0 if flip_x else 1.0, 1.0, -1.0 if flip_z else 1.0, 1.0])
 
-        cams = [rec["cams"][CAMERA_NAMES[c]] for c in cam_ids]
+        cams = [rec["cams"][self.camera_names[c]] for c in cam_ids]
         global_T_cams = np.stack([c["global_T_ego"] @ c["ego_T_cam"] for c in cams])  # (S,4,4)
         # one matrix at a time: a batched inverse rounds differently (1e-14) from the single one
         cams_T_global = [geometry.rigid_inverse(torch.from_numpy(m)).numpy() for m in global_T_cams]
@@ -396,7 +422,7 @@ class NuScenesBEVDataset(Dataset):
         pix_T_cams = []
         for s, (cam_id, cam, aug) in enumerate(zip(cam_ids, cams, draw.image_augs)):
             path = os.path.join(self.dataroot, cam["path"])
-            with _naming_sample(rec, CAMERA_NAMES[cam_id]):
+            with _naming_sample(rec, self.camera_names[cam_id]):
                 src_wh = (cam["width"], cam["height"])
                 if self.compat == "simplebev" and aug.resize_wh == (aug.final_hw[1], aug.final_hw[0]) \
                         and aug.crop_xy == (0, 0) and not aug.flip:
@@ -419,6 +445,8 @@ class NuScenesBEVDataset(Dataset):
             "cams_T_ref": torch.from_numpy(cams_T_ref.astype(np.float32)),  # (S,4,4)
             "ref_T_ego": torch.from_numpy(ref_T_ego.astype(np.float32)),  # (4,4)
             "cam_ids": torch.tensor(cam_ids, dtype=torch.int64),  # (S,)
+            # a string collates as a list of B strings (a list of names would be transposed)
+            "cam_names": json.dumps([self.camera_names[c] for c in cam_ids]),
         }
         out.update(self._targets(rec, ref_T_global, flip_x, flip_z, mirror, cams[0]["ego_T_cam"]))
         if self.use_radar:

@@ -10,6 +10,7 @@ Record layout (one dict per keyframe sample; all matrices float64, metres, ``dst
     global_T_ego_lidar  (4,4)   ego pose at the LIDAR_TOP keyframe (the sample's ego)
     cams[name] = dict(path, width, height, timestamp,
                       pix_T_cam (4,4), ego_T_cam (4,4), global_T_ego (4,4) at the image's timestamp)
+                 for every camera channel of the dataroot (``camera_channels``; each its own size)
     sweeps[chan] = dict(paths [str], global_T_sensor (k,4,4), global_T_ego (k,4,4) (ego pose at the
                    sweep's timestamp), timestamps (k,))   newest first, k <= nsweeps, following
                    ``prev`` (chan = LIDAR_TOP and the five radars)
@@ -23,6 +24,10 @@ record that uses a bad one keeps NaN matrices in its place and lists the problem
 ``needed_for`` is 'always' for cameras, the LIDAR_TOP keyframe's ego pose and boxes, 'lidar' or
 'radar' for sweeps), so the dataset can stop or skip it. A table that is not valid JSON is a
 ``DataTableError`` naming the file.
+
+Cameras: the channels whose ``sensor`` row has modality 'camera', in a fixed order: nuScenes' six in
+``CAMERA_NAMES`` order first, then any other channel by name (``camera_channels``); ``info['cameras']``
+lists them. A sample without one of them lists that under its problems.
 
 Paths are relative to the dataroot. Records are stored pickled back to back in one numpy byte
 buffer (``PackedRecords``) so that forked workers do not touch (and copy) millions of Python
@@ -60,8 +65,9 @@ import numpy as np
 from bevtrain.classes import MAP_LINE_LAYERS, MAP_POLYGON_LAYERS
 from bevtrain.progress import Progress
 
-INDEX_FORMAT = 5  # 2: sweeps carry global_T_ego; 3: calibration / pose / box checks (info["problems"]);
-#                  4: records carry their location; 5: boxes with a side <= 0 are problems
+INDEX_FORMAT = 6  # 2: sweeps carry global_T_ego; 3: calibration / pose / box checks (info["problems"]);
+#                  4: records carry their location; 5: any camera rig (info["cameras"]);
+#                  6: boxes with a side <= 0 are problems
 CAMERA_NAMES = [
     "CAM_FRONT_LEFT",
     "CAM_FRONT",
@@ -71,6 +77,19 @@ CAMERA_NAMES = [
     "CAM_BACK_RIGHT",
 ]
 LIDAR_NAME = "LIDAR_TOP"
+
+
+def order_cameras(channels) -> List[str]:
+    """A rig's camera channels in bevtrain's order: nuScenes' six in CAMERA_NAMES order (so that
+    nuScenes keeps its camera indices), then the others sorted by name (stable whatever order the
+    sensor table lists them in)."""
+    channels = set(channels)
+    return [c for c in CAMERA_NAMES if c in channels] + sorted(channels - set(CAMERA_NAMES))
+
+
+def camera_channels(nusc) -> List[str]:
+    """The dataroot's camera channels (sensor table, modality 'camera'), in ``order_cameras`` order."""
+    return order_cameras(s["channel"] for s in nusc.sensor if s.get("modality") == "camera")
 RADAR_NAMES = ["RADAR_FRONT", "RADAR_FRONT_LEFT", "RADAR_FRONT_RIGHT", "RADAR_BACK_LEFT", "RADAR_BACK_RIGHT"]
 SWEEP_CHANNELS = [LIDAR_NAME] + RADAR_NAMES
 
@@ -405,7 +424,8 @@ def _boxes_entry(tables: _Tables, ann_tokens: Sequence[str], problems: _Problems
     }
 
 
-def _sample_record(tables: _Tables, sample: dict, scene_name: str, nsweeps: int) -> Tuple[dict, _Problems]:
+def _sample_record(tables: _Tables, sample: dict, scene_name: str, nsweeps: int,
+                   cameras: Sequence[str]) -> Tuple[dict, _Problems]:
     """One keyframe's record (layout in the module docstring) and its problems."""
     data = sample["data"]
     scene = tables.get("scene", sample["scene_token"])
@@ -419,10 +439,14 @@ def _sample_record(tables: _Tables, sample: dict, scene_name: str, nsweeps: int)
         "location": tables.get("log", scene["log_token"])["location"],
         "timestamp": int(sample["timestamp"]),
         "global_T_ego_lidar": global_T_ego_lidar,
-        "cams": {cam: _camera_entry(tables, data[cam], cam, problems) for cam in CAMERA_NAMES},
+        "cams": {cam: _camera_entry(tables, data[cam], cam, problems) for cam in cameras if cam in data},
         "sweeps": {chan: _sweep_entry(tables, data[chan], chan, nsweeps, problems)
                    for chan in SWEEP_CHANNELS if chan in data},
     }
+    for cam in cameras:
+        if cam not in data:
+            problems.note(f"no {cam} image in this sample (the sensor table has that camera)", "always", cam,
+                          "sample", sample["token"])
     rec["boxes"] = _boxes_entry(tables, sample["anns"], problems)
     return rec, problems
 
@@ -440,8 +464,9 @@ def _check_scenes_present(nusc, scenes: Sequence[str], dataroot: Path, version: 
 def build_records(
     dataroot: Path, version: str, scenes: Sequence[str], nsweeps: int, verbose=False, nusc=None
 ):
-    """Load the devkit tables once (or use ``nusc``); return the split's records (sorted by scene, time)
-    and their problems (position in that order -> list of problem dicts, see the module docstring)."""
+    """Load the devkit tables once (or use ``nusc``); return the split's records (sorted by scene, time),
+    their problems (position in that order -> list of problem dicts, see the module docstring) and the
+    camera channels (``camera_channels``)."""
     global DEVKIT_LOADS
     if nusc is None:
         nusc = load_devkit(dataroot, version, verbose)
@@ -449,6 +474,10 @@ def build_records(
     _check_scenes_present(nusc, scenes, dataroot, version)
     wanted = set(scenes)
     tables = _Tables(nusc)
+    cameras = camera_channels(nusc)
+    if not cameras:
+        raise DataLayoutError(f"{dataroot}/{version}/sensor.json has no sensor with modality 'camera': "
+                              f"bevtrain needs at least one camera")
     records, problems = [], []
     scene_of = {s["token"]: s["name"] for s in nusc.scene}
     chosen = [s for s in nusc.sample if scene_of[s["scene_token"]] in wanted]
@@ -456,13 +485,14 @@ def build_records(
     bar = Progress(len(chosen), verbose and len(chosen) >= PROGRESS_MIN_SAMPLES, label="index records",
                    unit="samples")
     for sample in chosen:
-        rec, issues = _sample_record(tables, sample, scene_of[sample["scene_token"]], nsweeps)
+        rec, issues = _sample_record(tables, sample, scene_of[sample["scene_token"]], nsweeps, cameras)
         records.append(rec)
         problems.append(list(issues))
         bar.advance()
     bar.close()
     order = sorted(range(len(records)), key=lambda i: (records[i]["scene_name"], records[i]["timestamp"]))
-    return [records[i] for i in order], {k: problems[i] for k, i in enumerate(order) if problems[i]}
+    return ([records[i] for i in order], {k: problems[i] for k, i in enumerate(order) if problems[i]},
+            cameras)
 
 
 # -- cache -----------------------------------------------------------------------------------------
@@ -502,10 +532,11 @@ def _read_cache(path: Path):
     return None
 
 
-def _write_cache(path: Path, records: Sequence[dict], problems: dict, nsweeps: int) -> int:
+def _write_cache(path: Path, records: Sequence[dict], problems: dict, cameras: Sequence[str],
+                 nsweeps: int) -> int:
     packed = PackedRecords(records)
     blob = {"format": INDEX_FORMAT, "nsweeps": nsweeps, "offsets": packed.offsets, "data": packed.data,
-            "problems": problems}
+            "problems": problems, "cameras": list(cameras)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_index_")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -564,8 +595,8 @@ def _build_splits(root: Path, version: str, todo: Sequence[tuple], nsweeps: int,
             t1 = time.perf_counter()
             if scenes is None:
                 scenes = official_split_scenes(split_name)
-            records, problems = build_records(root, version, scenes, nsweeps, verbose, nusc=nusc)
-            nbytes = _write_cache(path, records, problems, nsweeps)
+            records, problems, cameras = build_records(root, version, scenes, nsweeps, verbose, nusc=nusc)
+            nbytes = _write_cache(path, records, problems, cameras, nsweeps)
             out[split_name] = (len(records), nbytes, time.perf_counter() - t1)
             if verbose:
                 print(f"[bevtrain] index: {version}/{split_name}: {len(records)} samples in "
@@ -671,7 +702,7 @@ def load_index(
             raise RuntimeError(f"the index cache {path} was not written (disk full or not writable?)")
     packed, blob = hit
     info.update(cache_hit=not built, seconds=time.perf_counter() - t0, nsweeps=blob["nsweeps"],
-                problems=blob["problems"])
+                problems=blob["problems"], cameras=blob["cameras"])
     return packed, info
 
 

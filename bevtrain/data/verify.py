@@ -39,7 +39,6 @@ import cv2
 from bevtrain.cli import ArgumentParser
 from bevtrain.data import augment, points
 from bevtrain.data.index import (
-    CAMERA_NAMES,
     LIDAR_NAME,
     DataLayoutError,
     DataTableError,
@@ -222,8 +221,7 @@ def collect(records, dataroot: str, nsweeps: int) -> Tuple[Dict[str, Job], Dict[
     jobs: Dict[str, Job] = {}
     owner: Dict[str, str] = {}
     for rec in records:
-        for cam in CAMERA_NAMES:
-            c = rec["cams"][cam]
+        for c in rec["cams"].values():  # every camera of the rig (index.camera_channels)
             path = os.path.join(dataroot, c["path"])
             jobs.setdefault(path, ("jpeg", path, (int(c["width"]), int(c["height"]))))
             owner.setdefault(path, rec["token"])

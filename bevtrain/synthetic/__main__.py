@@ -6,6 +6,7 @@ from typing import Iterable
 
 from bevtrain.cli import ArgumentParser
 from bevtrain.synthetic import __doc__ as package_doc
+from bevtrain.synthetic.catalog import DEFAULT_RIG, RIGS
 from bevtrain.synthetic.dataroot import generate
 
 
@@ -18,6 +19,10 @@ def main(argv: Iterable[str] | None = None) -> None:
     ap.add_argument(
         "--scenes", type=int, default=None, help="first N of the ten v1.0-mini scenes (default all)"
     )
+    ap.add_argument("--rig", default=DEFAULT_RIG, choices=list(RIGS),
+                    help="cameras: nuscenes (six, 1600x900), four (FRONT_CAM, LEFT_CAM, REAR_CAM, RIGHT_CAM, "
+                    "1280x720), one (CAM_FRONT, 1024x768), mixed (FRONT_WIDE 1920x1080, REAR_SMALL 640x480); "
+                    "sizes scale with --width/1600, --height/900")
     ap.add_argument("--width", type=int, default=1600)
     ap.add_argument("--height", type=int, default=900)
     ap.add_argument("--seed", type=int, default=0)
@@ -32,6 +37,7 @@ def main(argv: Iterable[str] | None = None) -> None:
         height=args.height,
         seed=args.seed,
         workers=args.workers,
+        rig=args.rig,
     )
 
 

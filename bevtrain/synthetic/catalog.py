@@ -232,15 +232,49 @@ def camera_capture_offset_us(ego_R_cam: np.ndarray) -> int:
     return -int(round(swept_after / 360.0 * LIDAR_PERIOD_US))
 
 
-def scene_rigs(width: int, height: int) -> Dict[str, dict]:
-    """Calibration per channel: ego_R_sensor (3x3), ego_t_sensor (3,), K (3x3 or None)."""
+# The camera rigs of `--rig`: channel -> (translation, yaw, focal px, cx, cy, width, height) at the rig's own
+# image size. --width/--height scale every camera by (width / 1600, height / 900), so the nuScenes rig is
+# written at exactly that size and the others in proportion (four: 1280x720 at the default 1600x900).
+RIGS = {
+    "nuscenes": {ch: (*CAMERA_RIG[ch], 1600, 900) for ch in CAMERAS},
+    # Four cameras of another layout and size, none with a nuScenes name: a narrower front camera and
+    # three wide ones (about 100 degrees) to the left, rear and right, principal points off centre.
+    "four": {
+        "FRONT_CAM": ((1.80, 0.0, 1.45), 0.0, 1000.0, 642.3, 357.8, 1280, 720),
+        "LEFT_CAM": ((1.10, 0.92, 1.62), 90.0, 540.0, 637.1, 362.4, 1280, 720),
+        "REAR_CAM": ((-0.60, 0.0, 1.70), 180.0, 540.0, 640.9, 355.2, 1280, 720),
+        "RIGHT_CAM": ((1.10, -0.92, 1.62), -90.0, 540.0, 644.6, 359.5, 1280, 720),
+    },
+    # One forward camera with a 4:3 image.
+    "one": {"CAM_FRONT": ((1.70, 0.0, 1.50), 0.0, 820.0, 515.2, 380.6, 1024, 768)},
+    # Two cameras of different sizes and shapes: a wide 16:9 one forward, a small 4:3 one backward.
+    "mixed": {
+        "FRONT_WIDE": ((1.75, 0.0, 1.50), 0.0, 1400.0, 963.4, 537.9, 1920, 1080),
+        "REAR_SMALL": ((-0.50, 0.0, 1.65), 180.0, 420.0, 318.7, 243.2, 640, 480),
+    },
+}
+DEFAULT_RIG = "nuscenes"
+
+
+def camera_sizes(rig: str, width: int, height: int) -> Dict[str, tuple]:
+    """(width, height) in pixels of each camera of `rig` when the set is written at width x height."""
+    return {ch: (int(round(w * width / 1600.0)), int(round(h * height / 900.0)))
+            for ch, (*_, w, h) in RIGS[rig].items()}
+
+
+def scene_rigs(width: int, height: int, rig: str = DEFAULT_RIG) -> Dict[str, dict]:
+    """Calibration per channel: ego_R_sensor (3x3), ego_t_sensor (3,), K (3x3 or None), and for cameras
+    size (width, height)."""
     rigs = {}
-    sx, sy = width / 1600.0, height / 900.0
-    for ch, (t, yaw, f, cx, cy) in CAMERA_RIG.items():
+    sizes = camera_sizes(rig, width, height)
+    for ch, (t, yaw, f, cx, cy, w, h) in RIGS[rig].items():
+        size = sizes[ch]
+        sx, sy = size[0] / w, size[1] / h  # the nuScenes rig: width / 1600.0, height / 900.0
         # a resize keeps pixel centres (at integers) exact: u -> sx * (u + 0.5) - 0.5
         cx, cy = (cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5
         k = np.array([[f * sx, 0.0, cx], [0.0, f * sy, cy], [0.0, 0.0, 1.0]])
-        rigs[ch] = dict(R=camera_rotation(yaw), t=np.array(t, dtype=np.float64), K=k, modality="camera")
+        rigs[ch] = dict(R=camera_rotation(yaw), t=np.array(t, dtype=np.float64), K=k, modality="camera",
+                        size=size)
     rigs[LIDAR] = dict(
         R=yaw_matrix(math.radians(LIDAR_RIG[1])), t=np.array(LIDAR_RIG[0]), K=None, modality="lidar"
     )

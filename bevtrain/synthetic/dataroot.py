@@ -21,7 +21,18 @@ import numpy as np
 from bevtrain.progress import Progress
 
 from . import streetmap, writer
-from .catalog import ATTRIBUTES, CAMERAS, CATEGORIES, LIDAR, MINI_SCENES, RADARS, VISIBILITY, stable_hash
+from .catalog import (
+    ATTRIBUTES,
+    CATEGORIES,
+    DEFAULT_RIG,
+    LIDAR,
+    MINI_SCENES,
+    RADARS,
+    RIGS,
+    VISIBILITY,
+    camera_sizes,
+    stable_hash,
+)
 
 VERSION = "v1.0-mini"
 MARKER = ".bevtrain_synthetic.json"  # written last: its presence means the set is complete
@@ -52,12 +63,17 @@ def resolve_scenes(scenes: Union[None, int, Sequence[str]]) -> List[str]:
     return names
 
 
-def _params(keyframes, scenes, width, height, seed) -> dict:
+def _params(keyframes, scenes, width, height, seed, rig=DEFAULT_RIG) -> dict:
+    if rig not in RIGS:
+        raise ValueError(f"rig={rig!r}: use one of {', '.join(RIGS)}")
     if int(keyframes) < 2:
         raise ValueError(f"keyframes={keyframes}: need at least 2 keyframes per scene")
-    if int(width) < 32 or int(height) < 32:
-        raise ValueError(f"width={width}, height={height}: images must be at least 32x32")
-    return dict(
+    small = [f"{ch} {w}x{h}" for ch, (w, h) in camera_sizes(rig, int(width), int(height)).items()
+             if min(w, h) < 32]
+    if int(width) < 32 or int(height) < 32 or small:
+        raise ValueError(f"width={width}, height={height}: images must be at least 32x32 "
+                         f"({', '.join(small)})")
+    params = dict(
         keyframes=int(keyframes),
         scenes=resolve_scenes(scenes),
         width=int(width),
@@ -65,14 +81,18 @@ def _params(keyframes, scenes, width, height, seed) -> dict:
         seed=int(seed),
         format=FORMAT_VERSION,
     )
+    if rig != DEFAULT_RIG:  # the default's parameters (its marker) as before --rig existed
+        params["rig"] = rig
+    return params
 
 
 # ---------------------------------------------------------------------------------------------
 # The whole dataroot
 # ---------------------------------------------------------------------------------------------
-def _static_tables() -> Dict[str, list]:
-    channels = list(CAMERAS) + [LIDAR] + list(RADARS)
-    modality = {**{c: "camera" for c in CAMERAS}, LIDAR: "lidar", **{r: "radar" for r in RADARS}}
+def _static_tables(rig: str) -> Dict[str, list]:
+    cameras = list(RIGS[rig])
+    channels = cameras + [LIDAR] + list(RADARS)
+    modality = {**{c: "camera" for c in cameras}, LIDAR: "lidar", **{r: "radar" for r in RADARS}}
     return dict(
         category=[
             dict(token=tok, name=n, description=f"nuScenes category {n}") for n, tok in CATEGORIES.items()
@@ -97,23 +117,26 @@ def generate(
     seed: int = 0,
     workers: int | None = None,
     progress: bool = True,
+    rig: str = DEFAULT_RIG,
 ) -> Path:
     """Write a synthetic v1.0-mini dataroot into `out_dir` (tables, samples/, sweeps/, maps/).
 
-    The marker file is written last, so its presence means the set is complete.
+    ``rig``: the cameras (catalog.RIGS: 'nuscenes' six, 'four' 1280x720, 'one' 1024x768 front camera,
+    'mixed' 1920x1080 + 640x480), each scaled by (width / 1600, height / 900). The marker file is written
+    last, so its presence means the set is complete.
     """
-    params = _params(keyframes, scenes, width, height, seed)
+    params = _params(keyframes, scenes, width, height, seed, rig)
     out = Path(out_dir)
     _prepare_out_dir(out)
     start = time.time()
     sizes = {k: params[k] for k in ("seed", "keyframes", "width", "height")}
-    jobs = [dict(out=str(out), scene=s, **sizes) for s in params["scenes"]]
+    jobs = [dict(out=str(out), scene=s, rig=rig, **sizes) for s in params["scenes"]]
     n_workers = min(len(jobs), workers if workers else (os.cpu_count() or 1))
     bar = Progress(len(jobs) * params["keyframes"], progress, label="synthetic nuScenes", unit="keyframes")
     results = _render_scenes(jobs, n_workers, bar)
     bar.close()
     maps = _map_records(results, params["seed"])
-    tables = _write_tables(out, results, [row for _, row in maps])
+    tables = _write_tables(out, results, [row for _, row in maps], rig)
     _write_maps(out, results, maps)
     stats = _write_marker(out, params, tables, results, time.time() - start)
     (out / PARTIAL).unlink(missing_ok=True)
@@ -169,9 +192,9 @@ def _map_records(results: List[dict], seed: int) -> List[tuple]:
     return rows
 
 
-def _write_tables(out: Path, results: List[dict], maps: List[dict]) -> Dict[str, list]:
+def _write_tables(out: Path, results: List[dict], maps: List[dict], rig: str) -> Dict[str, list]:
     """The 13 JSON tables: the static ones, every scene's rows in scene order, the map rows."""
-    tables = _static_tables()
+    tables = _static_tables(rig)
     for key in writer.SCENE_TABLES:
         tables[key] = [r for res in results for r in res["tables"][key]]
     tables["map"] = maps
@@ -273,11 +296,12 @@ def ensure_synthetic(
     seed: int = 0,
     workers: int | None = None,
     progress: bool = True,
+    rig: str = DEFAULT_RIG,
 ) -> Path:
     """Return `out_dir`, generating the set first unless a complete one with the same parameters and the
     same generator code is already there. Generation goes to a temporary sibling that replaces
     `out_dir` only when finished, so an interrupted run never leaves a half set behind."""
-    params = _params(keyframes, scenes, width, height, seed)
+    params = _params(keyframes, scenes, width, height, seed, rig)
     out = Path(out_dir).resolve()
     if _marker_matches(out, params):
         return out
@@ -301,6 +325,7 @@ def ensure_synthetic(
             seed=seed,
             workers=workers,
             progress=progress,
+            rig=rig,
         )
         if out.exists():
             trash = out.parent / f".{out.name}.tmp-old-{os.getpid()}"

@@ -17,8 +17,8 @@ from . import render, sensors, streetmap
 from .catalog import (
     ANNOTATION_RADIUS,
     ATTRIBUTES,
-    CAMERAS,
     CATEGORIES,
+    DEFAULT_RIG,
     KEYFRAME_PERIOD_US,
     LIDAR,
     LIDAR_RANGE,
@@ -55,9 +55,10 @@ SCENE_TABLES = (
 _CAMERA_CACHE: Dict[tuple, render.Camera] = {}
 
 
-def _camera(channel: str, width: int, height: int, rig: dict) -> render.Camera:
+def _camera(channel: str, rig: dict) -> render.Camera:
     """Cameras are the same in every scene: build their ray tables once per process."""
-    key = (channel, width, height)
+    width, height = rig["size"]
+    key = (channel, width, height, rig["K"].tobytes(), rig["R"].tobytes(), rig["t"].tobytes())
     if key not in _CAMERA_CACHE:
         _CAMERA_CACHE[key] = render.Camera(rig["R"], rig["t"], rig["K"], width, height)
     return _CAMERA_CACHE[key]
@@ -87,8 +88,8 @@ class SceneWriter:
         self.width, self.height = job["width"], job["height"]
         self.scene = Scene(self.name, self.seed, self.keyframes)
         self.origin = scene_origin(self.name, self.seed, self.keyframes)
-        self.rigs = scene_rigs(self.width, self.height)
-        self.cameras = {ch: _camera(ch, self.width, self.height, self.rigs[ch]) for ch in CAMERAS}
+        self.rigs = scene_rigs(self.width, self.height, job.get("rig", DEFAULT_RIG))
+        self.cameras = {ch: _camera(ch, r) for ch, r in self.rigs.items() if r["modality"] == "camera"}
         scene_idx = MINI_SCENES.index(self.name)
         trng = np.random.default_rng(int(self._token("time")[:12], 16))
         self.t0_us = 1531883530_000000 + scene_idx * 86_400_000_000 + int(trng.integers(0, 3_600_000_000))
@@ -105,7 +106,7 @@ class SceneWriter:
         self.rng_sensor = np.random.default_rng(int(self._token("sensors")[:12], 16))
         # Capture times relative to each keyframe (us): the cameras' are fixed by the rig, the radars'
         # drawn per keyframe (catalog: LIDAR_PERIOD_US, RADAR_PERIOD_US).
-        self.camera_offsets_us = {ch: camera_capture_offset_us(self.rigs[ch]["R"]) for ch in CAMERAS}
+        self.camera_offsets_us = {ch: camera_capture_offset_us(self.rigs[ch]["R"]) for ch in self.cameras}
         self.rng_time = np.random.default_rng(int(self._token("radar_time")[:12], 16))
 
     def _token(self, kind: str, *parts) -> str:
@@ -268,11 +269,11 @@ class SceneWriter:
             self.tracks.setdefault(ob.actor.aid, []).append(ann)
 
     def _write_cameras(self, ts_k, k):
-        """Render and write the six images, each from where the car and the objects are when that camera
-        fires; per actor id its unoccluded and visible pixel counts over the six."""
+        """Render and write the rig's images (six for nuScenes' rig), each from where the car and the objects
+        are when that camera fires; per actor id its unoccluded and visible pixel counts over them."""
         unoccluded = np.zeros(len(self.scene.actors), np.int64)
         visible = np.zeros(len(self.scene.actors), np.int64)
-        for ch in CAMERAS:
+        for ch in self.cameras:
             ts = ts_k + self.camera_offsets_us[ch]
             ego, objects = self._at(ts)
             img, u, v = self.cameras[ch].render(self.scene, ego, objects)
@@ -284,7 +285,7 @@ class SceneWriter:
             if not ok:
                 raise RuntimeError(f"JPEG encoding failed for {fn}")
             (self.out / fn).write_bytes(buf.tobytes())
-            self._add_sample_data(ch, ts, k, True, ego, fn, "jpg", self.width, self.height)
+            self._add_sample_data(ch, ts, k, True, ego, fn, "jpg", *self.rigs[ch]["size"])
         return unoccluded, visible
 
     def _annotation(self, ob, k: int, visibility: str, n_lidar: int, n_radar: int) -> dict:
