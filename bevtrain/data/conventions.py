@@ -49,6 +49,7 @@ PP_CENTRE_FRACTION = 0.25  # principal point within 25 % of the image size of it
 BOX_BELOW_M, BOX_ABOVE_M, BOX_GRADE = 1.0, 3.0, 0.1  # box bottom vs ego ground, plus 10 % of its distance
 MAX_SPEED_MS, MAX_YAW_RATE = 60.0, 3.0  # m/s, rad/s between keyframes
 LIDAR_GROUND_TOL_M = 0.5
+SEE_RANGE_M = 150.0  # a camera "sees" a box corner up to this depth; annotations need lidar returns
 LIDAR_RANGE_M = (3.0, 25.0)
 
 
@@ -247,10 +248,12 @@ def check_intrinsics(t: Tables) -> List[dict]:
         elif abs(cx - (w - 1) / 2) > PP_CENTRE_FRACTION * w or abs(cy - (h - 1) / 2) > PP_CENTRE_FRACTION * h:
             found.append(f"principal point ({cx:.1f}, {cy:.1f}) far from the centre of the {w}x{h} image")
         if found:
-            sx, sy = (2 * cx + 1) / w, (2 * cy + 1) / h
-            cause = (f"intrinsics of a {2 * cx + 1:.0f}x{2 * cy + 1:.0f} image (x{sx:.2f}, x{sy:.2f}): scale "
-                     f"row 0 of K by {1 / sx:.3g} and row 1 by {1 / sy:.3g} for the {w}x{h} JPEGs"
-                     if min(sx, sy) > 0 else "intrinsics of another camera or a crop not applied to K")
+            # the image size the principal point implies, as a round multiple of the JPEG's (x2, x0.5, ...)
+            scale = round(((2 * cx + 1) / w + (2 * cy + 1) / h) / 2 * 4) / 4
+            cause = (f"intrinsics of a {w * scale:.0f}x{h * scale:.0f} image (x{scale:g} the JPEG's size): "
+                     f"divide rows 0-1 of K by {scale:g} for the {w}x{h} JPEGs"
+                     if scale > 0 and scale != 1 else "intrinsics of another camera or an uncorrected crop"
+                     )
             out.append(_finding("intrinsics", "calibrated_sensor", row["token"],
                                 f"principal point inside and near the centre ({(w - 1) / 2:.1f}, "
                                 f"{(h - 1) / 2:.1f}) of the {w}x{h} image",
@@ -311,7 +314,8 @@ def check_boxes(t: Tables, chunk: int = 50000) -> List[dict]:
         uv = np.einsum("ncij,nckj->ncki", K[s], cam)
         uv = uv[..., :2] / np.where(np.abs(uv[..., 2:]) > 1e-6, uv[..., 2:], 1e-6)
         wh = sizes[s][:, :, None, :]
-        inside = (z > 0.1) & (uv >= -0.5).all(-1) & (uv <= wh - 0.5).all(-1) & (cam_sd[s] >= 0)[..., None]
+        in_image = (uv >= -0.5).all(-1) & (uv <= wh - 0.5).all(-1)
+        inside = (z > 0.1) & (z < SEE_RANGE_M) & in_image & (cam_sd[s] >= 0)[..., None]
         unseen = ~inside.any(axis=(1, 2))
         ego_c = np.einsum("nij,nkj->nki", ego_T_global[s], hom)[..., :3]  # (N, 8, 3) corners in ego
         bottom = ego_c[..., 2].min(1)
@@ -320,7 +324,7 @@ def check_boxes(t: Tables, chunk: int = 50000) -> List[dict]:
         above = bottom > BOX_ABOVE_M + BOX_GRADE * dist
         for n in np.flatnonzero(unseen):
             out.append(_finding("box_unseen", "sample_annotation", t.ann[idx[n]]["token"],
-                                "some corner in front of and inside a camera of its sample",
+                                f"some corner inside a camera of its sample, at most {SEE_RANGE_M:g} m deep",
                                 f"centre {_fmt(ego_c[n].mean(0))} m in the ego frame, in no camera's view",
                                 "boxes stored in the ego (or sensor) frame where nuScenes stores global, "
                                 "wrong ego poses, or camera calibrations off"))
