@@ -187,7 +187,7 @@ def _mount_cause(R: np.ndarray, tr: np.ndarray, q: np.ndarray, camera: bool) -> 
             return name
     axis = R[:, 1] if camera else R[:, 2]
     up = -axis if camera else axis
-    if abs(up[1]) > 0.8 or abs(tr[1]) > 0.3 > abs(tr[2]):
+    if abs(up[1]) > 0.8 and abs(tr[1]) > 0.5:  # up along ego y, and the mounting height stored in y
         return "the ego frame is y-up (nuScenes: x forward, y left, z up)"
     return ("a camera frame other than x right, y down, z forward, or the ego frame's origin is not on "
             "the ground")
