@@ -395,7 +395,17 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--cache_dir", default="",
                     help="index cache folder ('' = $BEVTRAIN_CACHE if set, else ~/.cache/bevtrain/index)")
     ap.add_argument("--show", type=int, default=5, help="offenders listed per problem")
+    ap.add_argument("--conventions", action="store_true",
+                    help="check nuScenes' conventions instead (frames, quaternions, intrinsics, boxes, "
+                         "poses; see bevtrain/data/conventions.py) and draw --pictures samples")
+    ap.add_argument("--pictures", type=int, default=4, help="with --conventions: samples drawn (0 = none)")
+    ap.add_argument("--pictures_dir", default="conventions_pictures",
+                    help="with --conventions: folder for the pictures")
+    ap.add_argument("--lidar_samples", type=int, default=20,
+                    help="with --conventions: lidar keyframes read for the ground-height check")
     args = ap.parse_args(None if argv is None else list(argv))
+    if args.conventions:
+        return conventions_main(args)
     try:
         summary = verify(args.data_dir, args.dset, [s for s in args.split.split(",") if s], args.nsweeps,
                          args.workers or None, args.decode_factor, args.cache_dir or None, args.show)
@@ -403,6 +413,29 @@ def main(argv: Iterable[str] | None = None) -> int:
         print(f"verify: {e}", file=sys.stderr)
         return 1
     return 1 if summary["problems"] else 0
+
+
+def conventions_main(args) -> int:
+    """--conventions: numeric checks over the tables, then pictures of the first split; 1 on findings."""
+    from bevtrain.data import conventions
+
+    split = [s for s in args.split.split(",") if s][0]
+    try:
+        version = resolve_split(args.data_dir, args.dset, split)[0]
+        root = check_dataroot(args.data_dir, version)
+        summary = conventions.check_conventions(root, version, args.lidar_samples)
+    except (DataLayoutError, ValueError, KeyError, OSError) as e:
+        print(f"error: conventions check of {args.data_dir}: {e}", file=sys.stderr)
+        return 1
+    print(conventions.format_conventions(summary, args.show), flush=True)
+    if args.pictures > 0:
+        try:
+            paths = conventions.write_pictures(args.data_dir, args.dset, split, args.pictures,
+                                               args.pictures_dir, args.cache_dir or None)
+            print(conventions.picture_note(paths, args.pictures_dir))
+        except Exception as e:  # noqa: BLE001  the findings above stand; pictures need a loadable index
+            print(f"pictures not drawn: the dataset cannot load {args.data_dir} ({type(e).__name__}: {e})")
+    return 1 if summary["findings"] else 0
 
 
 if __name__ == "__main__":
