@@ -42,6 +42,11 @@ def _h(replica: int, token: str) -> str:
     return hashlib.md5(f"{replica}:{token}".encode()).hexdigest() if token else ""
 
 
+def _rehashed(row: dict, replica: int, *keys: str) -> dict:
+    """``row`` with the tokens under ``keys`` rehashed for ``replica`` (links stay links within it)."""
+    return dict(row, **{k: _h(replica, row[k]) for k in keys})
+
+
 def write_trainval_shaped(source: Path, out: Path, fraction: float = 1.0) -> dict:
     """The table set of the module docstring; returns its row counts."""
     from nuscenes.utils.splits import create_splits_scenes
@@ -124,25 +129,10 @@ def write_trainval_shaped(source: Path, out: Path, fraction: float = 1.0) -> dic
             )
         )
         for s in by_scene_samples[scene["token"]]:
-            new["sample"].append(
-                dict(
-                    s,
-                    token=_h(rep, s["token"]),
-                    scene_token=_h(rep, s["scene_token"]),
-                    prev=_h(rep, s["prev"]),
-                    next=_h(rep, s["next"]),
-                )
-            )
+            new["sample"].append(_rehashed(s, rep, "token", "scene_token", "prev", "next"))
             for r in sd_by_sample.get(s["token"], []):
                 new["sample_data"].append(
-                    dict(
-                        r,
-                        token=_h(rep, r["token"]),
-                        sample_token=_h(rep, s["token"]),
-                        ego_pose_token=_h(rep, r["ego_pose_token"]),
-                        prev=_h(rep, r["prev"]),
-                        next=_h(rep, r["next"]),
-                    )
+                    _rehashed(r, rep, "token", "sample_token", "ego_pose_token", "prev", "next")
                 )
                 new["ego_pose"].append(
                     dict(ego_by_token[r["ego_pose_token"]], token=_h(rep, r["ego_pose_token"]))
@@ -151,14 +141,7 @@ def write_trainval_shaped(source: Path, out: Path, fraction: float = 1.0) -> dic
                 if int(_h(rep, a["token"])[:4], 16) >= keep_ann * 65536:
                     continue  # trainval has fewer boxes per sample than the synthetic streets
                 new["sample_annotation"].append(
-                    dict(
-                        a,
-                        token=_h(rep, a["token"]),
-                        sample_token=_h(rep, s["token"]),
-                        instance_token=_h(rep, a["instance_token"]),
-                        prev=_h(rep, a["prev"]),
-                        next=_h(rep, a["next"]),
-                    )
+                    _rehashed(a, rep, "token", "sample_token", "instance_token", "prev", "next")
                 )
             for p in range(pad_per_sample):  # unlinked sweeps: trainval's table sizes, no new files
                 r = sweep_rows[(k * 7919 + p * 104729 + len(new["sample_data"])) % len(sweep_rows)]

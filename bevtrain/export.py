@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from bevtrain.data import augment
-from bevtrain.predict import PredictError, check_flags, check_rig_fits, grid_record, load_model
-from bevtrain.rig import Rig, RigFileError, read_rig
+from bevtrain.predict import PredictError, check_rig_fits, grid_record, load_model, run_tool
+from bevtrain.rig import Rig, read_rig
 
 EXPORT_FORMAT = 1
 
@@ -111,22 +111,7 @@ def export(init_dir: str = "", rig: str = "", out: str = "model.pt2", load_step:
 
 
 def main(*args: Any, **flags: Any) -> Dict[str, Any]:
-    from bevtrain.checkpoint import CheckpointError
-    from bevtrain.cli import refuse_positional, run_command
-    from bevtrain.evaluate import EvalError
-
-    if flags.pop("help", False) or flags.pop("h", False):
-        print(__doc__)
-        return {}
-    debug = bool(flags.pop("debug", False))
-
-    def command():
-        refuse_positional(args, flag_for_path="out")
-        check_flags(export, flags)
-        return export(**flags)
-
-    usage = (PredictError, RigFileError, EvalError, CheckpointError)
-    return run_command(command, debug=debug, usage_errors=usage, prog="export")
+    return run_tool(export, args, flags, doc=__doc__, prog="export", flag_for_path="out")
 
 
 def cli(*args: Any, **flags: Any) -> None:

@@ -396,23 +396,31 @@ def check_flags(command, flags) -> None:
                                + f" (flags: {', '.join('--' + k for k in known)})")
 
 
-def main(*args: Any, **flags: Any) -> Dict[str, Any]:
+def run_tool(
+    command, args, flags: Dict[str, Any], *, doc: str, prog: str, flag_for_path: str
+) -> Dict[str, Any]:
+    """The front door of predict and export: --help, flags checked against ``command``'s, the errors a
+    user fixes as one ``error:`` line (bevtrain.cli.run_command)."""
     from bevtrain.checkpoint import CheckpointError
     from bevtrain.cli import refuse_positional, run_command
     from bevtrain.evaluate import EvalError
 
     if flags.pop("help", False) or flags.pop("h", False):
-        print(__doc__)
+        print(doc)
         return {}
     debug = bool(flags.pop("debug", False))
 
-    def command():
-        refuse_positional(args, flag_for_path="frames")
-        check_flags(predict, flags)
-        return predict(**flags)
+    def checked():
+        refuse_positional(args, flag_for_path=flag_for_path)
+        check_flags(command, flags)
+        return command(**flags)
 
     usage = (PredictError, RigFileError, EvalError, CheckpointError)
-    return run_command(command, debug=debug, usage_errors=usage, prog="predict")
+    return run_command(checked, debug=debug, usage_errors=usage, prog=prog)
+
+
+def main(*args: Any, **flags: Any) -> Dict[str, Any]:
+    return run_tool(predict, args, flags, doc=__doc__, prog="predict", flag_for_path="frames")
 
 
 def cli(*args: Any, **flags: Any) -> None:
