@@ -487,12 +487,12 @@ def start_run(cfg: Config, flags: Mapping[str, Any], info: DistInfo) -> Run:
         build.prepare_indexes(cfg, ["train", "val"] if cfg.do_val else ["train"], verbose=info.is_main)
         train_ds = build.build_dataset(cfg, split="train", is_train=True)
         loaders = (build.build_loader(cfg, train_ds, True, B_rank, info.rank, info.world_size), None)
+        val_ds = None
         if cfg.do_val:
             val_ds = build.build_dataset(cfg, split="val", is_train=False)
             val_loader = build.build_loader(cfg, val_ds, False, B_rank, info.rank, info.world_size)
             loaders = (loaders[0], val_loader)
         # bad_samples=skip: samples left out are listed in <log_dir>/<run>/bad_samples.jsonl
-        val_ds = loaders[1] and loaders[1].dataset
         bad_log = BadSampleLog.for_run(log_run, info.rank, train=train_ds, val=val_ds)
 
         vox_util = build.build_vox_util(cfg)

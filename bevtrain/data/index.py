@@ -660,12 +660,14 @@ def prepare_indexes(dataroot, dset: str, splits: Sequence[str], nsweeps: int = 3
     root = check_dataroot(root_guess, version)
     cdir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     wanted = [_split_cache(root, dset, split, nsweeps, cdir) for split in splits]
-    present = [path.is_file() and _read_cache(path) is not None for *_, path in wanted]
+    # The file name holds the cache key (format, tables, split, sweeps) and files appear by rename, so
+    # one that exists is complete; load_index removes one that cannot be read.
+    present = [path.is_file() for *_, path in wanted]
     if all(present):
         return present
     global DEVKIT_LOADS
     with _build_lock(cdir, root, version, verbose):
-        todo = [(name, scenes, path) for v, name, scenes, path in wanted if _read_cache(path) is None]
+        todo = [(name, scenes, path) for v, name, scenes, path in wanted if not path.is_file()]
         if todo:
             if verbose:
                 names = ", ".join(f"{version}/{name}" for name, _, _ in todo)
@@ -696,6 +698,7 @@ def load_index(
     hit = _read_cache(path)
     built = False
     if hit is None:
+        path.unlink(missing_ok=True)  # unreadable (e.g. written by another Python): rebuilt
         built = not prepare_indexes(root, dset, [split], nsweeps, cdir, verbose)[0]
         hit = _read_cache(path)
         if hit is None:
