@@ -34,7 +34,8 @@ missing rows flat grey, and cv2 returns that image as if nothing happened. So th
 read here and checked for the JPEG start (FFD8) and end-of-image (FFD9) markers before an
 in-memory decode (which fails instead of inventing rows); the decoded size is checked against the
 index at every reduction factor. Corruption inside the entropy-coded data with intact markers is
-only found by ``python -m bevtrain.data.verify``, which listens to libjpeg's warnings.
+refused too: ``decode_reporting`` captures libjpeg's warnings on fd 2 during the decode (one process
+at a time: loader workers are processes), as ``python -m bevtrain.data.verify`` does.
 """
 
 from __future__ import annotations
