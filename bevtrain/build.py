@@ -244,11 +244,18 @@ def precision_note(amp: str, device: torch.device) -> str:
 def to_device(
     batch: Mapping[str, Any], device: torch.device, keys: Collection[str] | None = None
 ) -> Dict[str, Any]:
-    """The batch with its tensors (only those named in ``keys``, if given) moved to ``device``."""
-    return {
-        k: (v.to(device, non_blocking=True) if torch.is_tensor(v) and (keys is None or k in keys) else v)
-        for k, v in batch.items()
-    }
+    """The batch with its tensors (only those named in ``keys``, if given) moved to ``device``; its masks
+    (``seg_bev``, ``valid_bev``: uint8 from the loader) become float32 there, for the losses and metrics."""
+    from bevtrain.data.dataset import MASK_KEYS
+
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v) and (keys is None or k in keys):
+            v = v.to(device, non_blocking=True)
+            if k in MASK_KEYS:
+                v = v.float()  # on the device: the host sends a quarter of the bytes
+        out[k] = v
+    return out
 
 
 def forward(model: torch.nn.Module, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:

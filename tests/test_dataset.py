@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import make_dataset
 
+from bevtrain.build import to_device
 from bevtrain.config import DataConfig
 from bevtrain.data import index, targets
 from bevtrain.data.dataset import CAMERA_NAMES, EpochSampler, NuScenesBEVDataset, SampleReadError, make_loader
@@ -64,10 +65,16 @@ def test_contract_val(synthetic_root, cache):
     S, (H, W) = 6, (224, 400)
     assert out["images"].shape == (S, 3, H, W) and out["images"].dtype == torch.uint8
     bev = (1, 200, 200)
-    shapes = dict(pix_T_cams=(S, 4, 4), cams_T_ref=(S, 4, 4), ref_T_ego=(4, 4), seg_bev=bev, valid_bev=bev,
-                  center_bev=bev, offset_bev=(2, 200, 200), box_corners=(64, 8, 3))  # fmt: skip
+    shapes = dict(pix_T_cams=(S, 4, 4), cams_T_ref=(S, 4, 4), ref_T_ego=(4, 4), center_bev=bev,
+                  offset_bev=(2, 200, 200), box_corners=(64, 8, 3))  # fmt: skip
     for key, shape in shapes.items():
         assert out[key].shape == shape and out[key].dtype == torch.float32, key
+    for key in ("seg_bev", "valid_bev"):  # 0/1 masks, uint8 until build.to_device
+        assert out[key].shape == bev and out[key].dtype == torch.uint8, key
+        assert set(out[key].unique().tolist()) <= {0, 1}, key
+    on_device = to_device(out, torch.device("cpu"))
+    assert on_device["seg_bev"].dtype == on_device["valid_bev"].dtype == torch.float32
+    assert torch.equal(on_device["seg_bev"], out["seg_bev"].float())
     assert out["box_visibility"].shape == (64,) and out["box_visibility"].dtype == torch.int64
     n = int(out["box_count"])
     assert out["box_class"].dtype == torch.int64 and out["box_class"].tolist() == [0] * n + [-1] * (64 - n)

@@ -80,6 +80,8 @@ def dataset_digests(root: Path) -> dict:
     """{dataset: {key: {"sha256": digest over all samples, "sum": float sum}}} of TARGET_KEYS."""
     from conftest import make_dataset
 
+    from bevtrain.data.dataset import MASK_KEYS
+
     out = {}
     for name, split, is_train, settings in DATASETS:
         ds = make_dataset(root, split=split, is_train=is_train, res_scale=0.25, **settings)
@@ -88,7 +90,8 @@ def dataset_digests(root: Path) -> dict:
         for i in range(len(ds)):
             sample = ds[(i, 0)]
             for k in TARGET_KEYS:
-                a = sample[k].contiguous().numpy()
+                # the masks as float32 values: they travelled as float32 when the digests were written
+                a = (sample[k].float() if k in MASK_KEYS else sample[k]).contiguous().numpy()
                 hashes[k].update(str(a.shape).encode())
                 hashes[k].update(a.tobytes())
                 sums[k] += float(a.astype("float64").sum())

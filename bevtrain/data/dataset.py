@@ -167,10 +167,15 @@ class ClassMatchError(ValueError):
     """An object output whose categories match no category of the dataroot."""
 
 
-def _float32_tensor(a: np.ndarray) -> torch.Tensor:
-    """A (possibly flipped, possibly uint8) array as a contiguous float32 tensor: the flip is copied in
-    the source dtype first, since converting through negative strides is several times slower."""
-    return torch.from_numpy(np.ascontiguousarray(a)).to(torch.float32)
+# 0/1 masks travel as uint8, a quarter of float32's bytes through the loader workers' queue and to the
+# device (with ten channels the float32 copies cost more than drawing nine map layers); build.to_device
+# makes them float32 where the losses and metrics read them.
+MASK_KEYS = ("seg_bev", "valid_bev")
+
+
+def _mask_tensor(a: np.ndarray) -> torch.Tensor:
+    """A (possibly flipped) 0/1 array as a contiguous uint8 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint8))
 
 
 class NuScenesBEVDataset(Dataset):
@@ -485,8 +490,6 @@ class NuScenesBEVDataset(Dataset):
                 targets.rasterise(*raster, member[k], *frames)[:2] for k in range(len(objects))
             ]
             shape = (len(self.outputs), self.vox.Z, self.vox.X)
-            # uint8 until the one float32 copy below: with ten channels the float fills, flips and
-            # copies cost more than drawing the map layers.
             seg, valid = np.zeros(shape, np.uint8), np.ones(shape, np.uint8)  # (C,Z,X)
             for c, (seg_c, valid_c) in zip(self.object_channels, per_object):
                 seg[c], valid[c] = seg_c, valid_c
@@ -511,8 +514,8 @@ class NuScenesBEVDataset(Dataset):
             first = member[:, keep].argmax(axis=0)
             box_class[:n] = np.asarray(self.object_channels, np.int64)[first[order]]
         out = {
-            "seg_bev": _float32_tensor(seg),  # (C,Z,X)
-            "valid_bev": _float32_tensor(valid),  # (C,Z,X)
+            "seg_bev": _mask_tensor(seg),  # (C,Z,X) uint8
+            "valid_bev": _mask_tensor(valid),  # (C,Z,X) uint8
             "center_bev": torch.from_numpy(np.ascontiguousarray(ctr, dtype=np.float32)),  # (1,Z,X)
             "offset_bev": torch.from_numpy(np.ascontiguousarray(off, dtype=np.float32)),  # (2,Z,X)
             "box_corners": torch.from_numpy(box_corners),  # (N,8,3)

@@ -350,7 +350,8 @@ def _clipped_polygons(uv: np.ndarray, ring_len: np.ndarray, shape_rings: np.ndar
     lo = np.minimum.reduceat(uv, ring_start[:-1], axis=0)[ext]
     top = np.maximum.reduceat(uv, ring_start[:-1], axis=0)[ext]
     inside = (lo >= 0).all(axis=1) & (top[:, 0] <= hi[0]) & (top[:, 1] <= hi[1])
-    rings = np.split(np.round(uv).astype(np.int32), ring_start[1:-1])
+    rounded = np.round(uv).astype(np.int32)
+    rings = [rounded[a:b] for a, b in zip(ring_start[:-1].tolist(), ring_start[1:].tolist())]
     out = [None] * len(shape_rings)  # shapes left out (clipped away, degenerate) stay None
     for k in np.flatnonzero(inside):
         out[k] = (rings[ext[k]: ext[k] + 1], rings[ext[k] + 1: shape_first[k + 1]])
@@ -370,7 +371,9 @@ def _clipped_polygons(uv: np.ndarray, ring_len: np.ndarray, shape_rings: np.ndar
     if len(found) == 0:
         return out
     xy, ring_of = shapely.get_coordinates(found, return_index=True)
-    clipped_rings = np.split(np.round(xy).astype(np.int32), np.flatnonzero(np.diff(ring_of)) + 1)
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(ring_of)) + 1, [len(xy)]]).tolist()
+    xy = np.round(xy).astype(np.int32)
+    clipped_rings = [xy[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     is_exterior = np.concatenate([[True], ring_part[1:] != ring_part[:-1]])
     for ring, part, exterior in zip(clipped_rings, ring_part, is_exterior):
         k = cross[part_shape[part]]
@@ -424,21 +427,23 @@ def map_layer_mask(layer: dict, ref_T_global: np.ndarray, vox: Vox_util, line: b
     the frame ``ref_T_global`` (map points at global z = 0), cells as the module's map-layer rule says."""
     merged = merge_map_layers({"layer": layer}, ["layer"])
     merged["line"][0] = line
-    canvas = _draw_layers(merged, ref_T_global, vox)[0]
-    return np.ascontiguousarray(canvas[::-1].T)
+    return map_output_masks(merged, [["layer"]], ref_T_global, vox)[0]
 
 
 def map_output_masks(merged: dict, sources: Sequence[Sequence[str]], ref_T_global: np.ndarray, vox: Vox_util
                      ) -> np.ndarray:
-    """(K,Z,X) uint8 view: per map output k, the union of its layers ``sources[k]`` (names in ``merged``,
+    """(K,Z,X) uint8: per map output k, the union of its layers ``sources[k]`` (names in ``merged``,
     ``merge_map_layers``'), each layer drawn once, in the frame ``ref_T_global``."""
     canvases = _draw_layers(merged, ref_T_global, vox)  # (L,X,Z)
     position = {n: k for k, n in enumerate(merged["names"])}
-    out = np.zeros((len(sources), vox.X, vox.Z), np.uint8)  # the devkit's canvas orientation
+    out = np.empty((len(sources), vox.Z, vox.X), np.uint8)
     for k, names in enumerate(sources):
-        for name in names:
-            out[k] |= canvases[position[name]]
-    return out[:, ::-1].transpose(0, 2, 1)
+        canvas = canvases[position[names[0]]]
+        for name in names[1:]:
+            canvas = canvas | canvases[position[name]]
+        # our (row, col) is the canvas' (X - 1 - col, row): a quarter turn clockwise
+        cv2.rotate(canvas, cv2.ROTATE_90_CLOCKWISE, dst=out[k])
+    return out
 
 
 def _draw_layers(merged: dict, ref_T_global: np.ndarray, vox: Vox_util) -> np.ndarray:
