@@ -383,25 +383,35 @@ def _clipped_polygons(uv: np.ndarray, ring_len: np.ndarray, shape_rings: np.ndar
     return out
 
 
-def _clip_segments(p: np.ndarray, q: np.ndarray, hi: tuple) -> tuple:
-    """(k,2,2) pieces of the segments p[i] -> q[i] ((n,2) each) inside [0, hi[0]] x [0, hi[1]] (Liang-Barsky,
-    all at once), points clipped onto a side exactly on it; and the (k,) indices of the segments kept."""
+def _liang_barsky(p: np.ndarray, q: np.ndarray, hi: tuple) -> tuple:
+    """t0, t1, ok (n,) each: the part p + t (q - p), t0 <= t <= t1, of each segment p[i] -> q[i] ((n,2) each)
+    inside [0, hi[0]] x [0, hi[1]], ok where there is one (Liang-Barsky, every segment and side at once)."""
     d = q - p
-    t0, t1 = np.zeros(len(p)), np.ones(len(p))
-    for axis in (0, 1):
-        for bound, sign in ((0.0, 1.0), (hi[axis], -1.0)):
-            num, den = sign * (p[:, axis] - bound), -sign * d[:, axis]  # inside where num - t * den >= 0
-            with np.errstate(divide="ignore", invalid="ignore"):
-                t = num / den
-            t0 = np.where(den < 0, np.maximum(t0, t), t0)  # entering across this side
-            t1 = np.where(den > 0, np.minimum(t1, t), t1)  # leaving across it
-            t1 = np.where((den == 0) & (num < 0), -1.0, t1)  # parallel to the side, outside it
-    ok = t0 <= t1
+    # per side, inside where f + t * r >= 0 (u >= 0, u <= hi[0], v >= 0, v <= hi[1])
+    f = np.stack([p[:, 0], hi[0] - p[:, 0], p[:, 1], hi[1] - p[:, 1]], axis=1)  # (n,4)
+    r = np.stack([d[:, 0], -d[:, 0], d[:, 1], -d[:, 1]], axis=1)  # (n,4)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = -f / r  # where the segment's line crosses each side
+    t0 = np.where(r > 0, t, 0.0).max(axis=1, initial=0.0)  # entering across a side
+    t1 = np.where(r < 0, t, 1.0).min(axis=1, initial=1.0)  # leaving across one
+    ok = (t0 <= t1) & ~((r == 0) & (f < 0)).any(axis=1)  # (parallel to a side and outside it: none)
+    return t0, t1, ok
+
+
+def _onto_sides(points: np.ndarray, hi: tuple) -> np.ndarray:
+    """(..., 2) points within 1e-6 of a side of the window moved exactly onto it."""
+    bound = np.array(hi)
+    points = np.where(np.abs(points) < 1e-6, 0.0, points)
+    return np.where(np.abs(points - bound) < 1e-6, bound, points)
+
+
+def _clip_segments(p: np.ndarray, q: np.ndarray, hi: tuple) -> tuple:
+    """(k,2,2) pieces of the segments p[i] -> q[i] ((n,2) each) inside [0, hi[0]] x [0, hi[1]], points
+    clipped onto a side exactly on it; and the (k,) indices of the segments kept."""
+    t0, t1, ok = _liang_barsky(p, q, hi)
+    d = q - p
     pieces = np.stack([p[ok] + t0[ok, None] * d[ok], p[ok] + t1[ok, None] * d[ok]], axis=1)  # (k,2,2)
-    for axis in (0, 1):
-        for bound in (0.0, hi[axis]):
-            pieces[..., axis][np.abs(pieces[..., axis] - bound) < 1e-6] = bound
-    return pieces, np.flatnonzero(ok)
+    return _onto_sides(pieces, hi), np.flatnonzero(ok)
 
 
 def merge_map_layers(layers: dict, names: Sequence[str]) -> dict:
