@@ -97,11 +97,10 @@ def main() -> None:
     t_map, t_all, t_veh = [], [], []
     timed = ds._map_masks
 
-    def map_step(rec, ref_T_global):
+    def map_step(rec, ref_T_global, seg):
         t = time.perf_counter()
-        out = timed(rec, ref_T_global)
+        timed(rec, ref_T_global, seg)
         t_map.append(time.perf_counter() - t)
-        return out
 
     ds._map_masks = map_step
     for i in range(len(ds)):

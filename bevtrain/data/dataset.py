@@ -494,7 +494,7 @@ class NuScenesBEVDataset(Dataset):
             for c, (seg_c, valid_c) in zip(self.object_channels, per_object):
                 seg[c], valid[c] = seg_c, valid_c
             if self.map_channels:
-                seg[list(self.map_channels)] = self._map_masks(rec, ref_T_global)
+                self._map_masks(rec, ref_T_global, seg)
         bev = {  # (C,Z,X) seg and valid, (1,Z,X) center, (2,Z,X) offset
             "seg_bev": _mask_tensor(seg),
             "valid_bev": _mask_tensor(valid),
@@ -532,11 +532,17 @@ class NuScenesBEVDataset(Dataset):
             out["box_tids"] = torch.from_numpy(tids)
         return out
 
-    def _map_masks(self, rec, ref_T_global) -> np.ndarray:
-        """(K,Z,X) uint8 of the K map outputs in the reference frame (before any mirror): the union of each
-        output's layers, each layer drawn once (targets.map_output_masks)."""
+    def _map_masks(self, rec, ref_T_global, seg: np.ndarray) -> None:
+        """The K map outputs in the reference frame (before any mirror) into their channels of seg (C,Z,X)
+        uint8: the union of each output's layers, each layer drawn once (targets.map_output_masks)."""
         sources = [self.outputs[c].sources for c in self.map_channels]
-        return targets.map_output_masks(self.map_layers[rec["location"]], sources, ref_T_global, self.vox)
+        first, n = self.map_channels[0], len(self.map_channels)
+        if list(self.map_channels) == list(range(first, first + n)):  # drawn in place
+            targets.map_output_masks(self.map_layers[rec["location"]], sources, ref_T_global, self.vox,
+                                     out=seg[first: first + n])
+        else:
+            seg[list(self.map_channels)] = targets.map_output_masks(self.map_layers[rec["location"]], sources,
+                                                                    ref_T_global, self.vox)
 
     def _radar(self, rec, ref_T_global, flip_x, flip_z, ref_time) -> dict:
         chans = [(c, rec["sweeps"][c]) for c in RADAR_NAMES if c in rec["sweeps"]]

@@ -355,7 +355,8 @@ def _clipped_polygons(uv: np.ndarray, ring_len: np.ndarray, shape_rings: np.ndar
     out = [None] * len(shape_rings)  # shapes left out (clipped away, degenerate) stay None
     for k in np.flatnonzero(inside):
         out[k] = (rings[ext[k]: ext[k] + 1], rings[ext[k] + 1: shape_first[k + 1]])
-    cross = np.flatnonzero(~inside & (ring_len[ext] >= 3))
+    apart = (lo[:, 0] > hi[0]) | (lo[:, 1] > hi[1]) | (top < 0).any(axis=1)  # nothing of it in the window
+    cross = np.flatnonzero(~inside & ~apart & (ring_len[ext] >= 3))
     if len(cross) == 0:
         return out
     cross_rings = _ranges(shape_first[cross], shape_first[cross + 1])
@@ -440,13 +441,15 @@ def map_layer_mask(layer: dict, ref_T_global: np.ndarray, vox: Vox_util, line: b
     return map_output_masks(merged, [["layer"]], ref_T_global, vox)[0]
 
 
-def map_output_masks(merged: dict, sources: Sequence[Sequence[str]], ref_T_global: np.ndarray, vox: Vox_util
-                     ) -> np.ndarray:
+def map_output_masks(merged: dict, sources: Sequence[Sequence[str]], ref_T_global: np.ndarray, vox: Vox_util,
+                     out: np.ndarray | None = None) -> np.ndarray:
     """(K,Z,X) uint8: per map output k, the union of its layers ``sources[k]`` (names in ``merged``,
-    ``merge_map_layers``'), each layer drawn once, in the frame ``ref_T_global``."""
+    ``merge_map_layers``'), each layer drawn once, in the frame ``ref_T_global``; written into ``out``
+    (a (K,Z,X) uint8 array with contiguous channels) when given."""
     canvases = _draw_layers(merged, ref_T_global, vox)  # (L,X,Z)
     position = {n: k for k, n in enumerate(merged["names"])}
-    out = np.empty((len(sources), vox.Z, vox.X), np.uint8)
+    if out is None:
+        out = np.empty((len(sources), vox.Z, vox.X), np.uint8)
     for k, names in enumerate(sources):
         canvas = canvases[position[names[0]]]
         for name in names[1:]:
