@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from conftest import make_dataset
 
 from bevtrain.classes import MAP_LINE_LAYERS, MAP_POLYGON_LAYERS
@@ -135,6 +136,17 @@ def test_eight_channels_objects_and_map_layers(synthetic_root, cache):
         assert set(np.unique(seg)) <= {0.0, 1.0}
         seen += seg.sum(axis=(1, 2)) > 0
     assert (seen > 0).all(), dict(zip(EIGHT, seen))
+
+
+def test_map_outputs_between_object_outputs_match_the_same_outputs_in_one_block(synthetic_root, cache):
+    """Map channels that are not consecutive (drawn, then copied into place) equal consecutive ones."""
+    block = _ds(synthetic_root, cache, "train", True, classes=["vehicle", "drivable_area", "divider"])
+    mixed = _ds(synthetic_root, cache, "train", True, classes=["drivable_area", "vehicle", "divider"])
+    assert block.map_block == slice(1, 3) and mixed.map_block is None
+    for i in range(0, len(block), 7):
+        a, b = block[(i, 0)]["seg_bev"], mixed[(i, 0)]["seg_bev"]
+        assert torch.equal(a[[1, 0, 2]], b)
+        assert a[1:].sum() > 0
 
 
 def test_map_layer_lands_forward_and_right_on_the_grid():

@@ -235,6 +235,10 @@ class NuScenesBEVDataset(Dataset):
         self.outputs = resolve_classes(data.classes, data.class_groups)
         self.object_channels = object_indices(self.outputs)
         self.map_channels = map_indices(self.outputs)
+        # map outputs in consecutive channels (the usual order) are drawn straight into seg
+        maps = list(self.map_channels)
+        consecutive = bool(maps) and maps == list(range(maps[0], maps[0] + len(maps)))
+        self.map_block = slice(maps[0], maps[-1] + 1) if consecutive else None
         self.seed = int(data.seed)
         # compat='simplebev': intrinsics in Simple-BEV's convention, and its PIL NEAREST val resize.
         self.compat = data.compat
@@ -536,13 +540,11 @@ class NuScenesBEVDataset(Dataset):
         """The K map outputs in the reference frame (before any mirror) into their channels of seg (C,Z,X)
         uint8: the union of each output's layers, each layer drawn once (targets.map_output_masks)."""
         sources = [self.outputs[c].sources for c in self.map_channels]
-        first, n = self.map_channels[0], len(self.map_channels)
-        if list(self.map_channels) == list(range(first, first + n)):  # drawn in place
-            targets.map_output_masks(self.map_layers[rec["location"]], sources, ref_T_global, self.vox,
-                                     out=seg[first: first + n])
-        else:
-            seg[list(self.map_channels)] = targets.map_output_masks(self.map_layers[rec["location"]], sources,
-                                                                    ref_T_global, self.vox)
+        in_place = seg[self.map_block] if self.map_block else None
+        layers = self.map_layers[rec["location"]]
+        masks = targets.map_output_masks(layers, sources, ref_T_global, self.vox, in_place)
+        if in_place is None:
+            seg[list(self.map_channels)] = masks
 
     def _radar(self, rec, ref_T_global, flip_x, flip_z, ref_time) -> dict:
         chans = [(c, rec["sweeps"][c]) for c in RADAR_NAMES if c in rec["sweeps"]]
