@@ -384,9 +384,10 @@ def _clipped_polygons(uv: np.ndarray, ring_len: np.ndarray, shape_rings: np.ndar
     return out
 
 
-def _liang_barsky(p: np.ndarray, q: np.ndarray, hi: tuple) -> tuple:
-    """t0, t1, ok (n,) each: the part p + t (q - p), t0 <= t <= t1, of each segment p[i] -> q[i] ((n,2) each)
-    inside [0, hi[0]] x [0, hi[1]], ok where there is one (Liang-Barsky, every segment and side at once)."""
+def _clip_segments(p: np.ndarray, q: np.ndarray, hi: tuple) -> tuple:
+    """(k,2,2) pieces of the segments p[i] -> q[i] ((n,2) each) inside [0, hi[0]] x [0, hi[1]] (Liang-Barsky,
+    every segment and side at once), points clipped onto a side exactly on it; and the (k,) indices of the
+    segments kept."""
     d = q - p
     # per side, inside where f + t * r >= 0 (u >= 0, u <= hi[0], v >= 0, v <= hi[1])
     f = np.stack([p[:, 0], hi[0] - p[:, 0], p[:, 1], hi[1] - p[:, 1]], axis=1)  # (n,4)
@@ -396,23 +397,11 @@ def _liang_barsky(p: np.ndarray, q: np.ndarray, hi: tuple) -> tuple:
     t0 = np.where(r > 0, t, 0.0).max(axis=1, initial=0.0)  # entering across a side
     t1 = np.where(r < 0, t, 1.0).min(axis=1, initial=1.0)  # leaving across one
     ok = (t0 <= t1) & ~((r == 0) & (f < 0)).any(axis=1)  # (parallel to a side and outside it: none)
-    return t0, t1, ok
-
-
-def _onto_sides(points: np.ndarray, hi: tuple) -> np.ndarray:
-    """(..., 2) points within 1e-6 of a side of the window moved exactly onto it."""
-    bound = np.array(hi)
-    points = np.where(np.abs(points) < 1e-6, 0.0, points)
-    return np.where(np.abs(points - bound) < 1e-6, bound, points)
-
-
-def _clip_segments(p: np.ndarray, q: np.ndarray, hi: tuple) -> tuple:
-    """(k,2,2) pieces of the segments p[i] -> q[i] ((n,2) each) inside [0, hi[0]] x [0, hi[1]], points
-    clipped onto a side exactly on it; and the (k,) indices of the segments kept."""
-    t0, t1, ok = _liang_barsky(p, q, hi)
-    d = q - p
     pieces = np.stack([p[ok] + t0[ok, None] * d[ok], p[ok] + t1[ok, None] * d[ok]], axis=1)  # (k,2,2)
-    return _onto_sides(pieces, hi), np.flatnonzero(ok)
+    bound = np.array(hi)
+    pieces = np.where(np.abs(pieces) < 1e-6, 0.0, pieces)
+    pieces = np.where(np.abs(pieces - bound) < 1e-6, bound, pieces)
+    return pieces, np.flatnonzero(ok)
 
 
 def merge_map_layers(layers: dict, names: Sequence[str]) -> dict:
